@@ -1,0 +1,3 @@
+# Declarations of the compiled core; one .pxd per cdef class, included here.
+include "_pagetable.pxd"
+include "_kernel.pxd"

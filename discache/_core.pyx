@@ -1,0 +1,5 @@
+# cython: language_level=3
+"""discache's compiled core: page bookkeeping, generation tokens, and the kernel calls."""
+
+include "_pagetable.pyx"
+include "_kernel.pyx"

@@ -1,0 +1,34 @@
+"""Build the compiled core; there is deliberately no pure-Python fallback."""
+import sys
+
+from setuptools import Extension, setup
+
+try:
+    from Cython.Build import cythonize
+except ImportError:  # pragma: no cover - exercised only on a broken build environment
+    sys.exit(
+        "discache: Cython >= 3 is required to build discache._core "
+        "(pip installs it from pyproject.toml's build requirements; "
+        "with --no-build-isolation, install it first: pip install 'Cython>=3')."
+    )
+
+extensions = [
+    Extension(
+        "discache._core",
+        ["discache/_core.pyx"],
+        extra_compile_args=["-O2"],
+    ),
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives={
+            "language_level": "3",
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "embedsignature": True,
+        },
+    ),
+)
