@@ -425,7 +425,7 @@ cdef class PageTable:
                 return False
             r = &self.ranges[k]
             self.pte_visits += 1
-            if not self.walk and not ((e & DC_LOST) and (e & self.token_mask) == r.token):
+            if not self.walk and not _recorded(r, p, e, self.token_mask):
                 if r.npurged == r.cap:
                     grown = <uint32_t *>realloc(r.purged, max(4, 2 * r.cap) * sizeof(uint32_t))
                     if grown == NULL:
@@ -483,6 +483,18 @@ cdef class PageTable:
     def __repr__(self) -> str:
         return (f"PageTable(npages={self.npages}, strategy={self.strategy!r}, "
                 f"ranges={self.nranges}, pte_visits={self.pte_visits})")
+
+
+cdef inline bint _recorded(VolatileRange *r, uint32_t page, uint32_t entry, uint32_t mask) noexcept:
+    """Is page already in r's purge records?  Its mark says so only when the tokens match, and
+    after a counter wrap a matching mark may be stale, so the records themselves decide then."""
+    cdef uint32_t q
+    if not ((entry & DC_LOST) and (entry & mask) == r.token):
+        return False
+    for q in range(r.npurged):  # only a page purged, refaulted and purged again gets here
+        if r.purged[q] == page:
+            return True
+    return False
 
 
 cdef int _take_records(VolatileRange *src, VolatileRange *piece) except -1:
