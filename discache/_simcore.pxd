@@ -1,4 +1,5 @@
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from cpython.pythread cimport PyThread_type_lock
 
 
 # One simulated physical page.  Allocated frames sit on the LRU list (prev/next, most recent at
@@ -30,9 +31,11 @@ cdef class SimCore:
     cdef uint32_t free_head
     cdef uint32_t lru_head
     cdef uint32_t lru_tail
+    cdef PyThread_type_lock mutex
     cdef list owners                  # owner id -> list of the Pagers in that rmap group
     cdef public bint force_aging      # scan for discardable pages even with nothing volatile
     cdef readonly uint64_t faults
+    cdef readonly uint64_t zero_page_faults
     cdef readonly uint64_t cow_faults
     cdef readonly uint64_t swap_ins
     cdef readonly uint64_t swap_outs
@@ -46,9 +49,17 @@ cdef class SimCore:
     cdef unsigned char *_page(self, uint32_t f) noexcept nogil
     cdef void _lru_add(self, uint32_t f) noexcept nogil
     cdef void _lru_del(self, uint32_t f) noexcept nogil
+    cdef int _lock(self) except -1
+    cdef void _unlock(self) noexcept
     cdef uint32_t _alloc(self) except 0
+    cdef uint32_t _take_free(self) noexcept nogil
     cdef void _free_frame(self, uint32_t f) noexcept nogil
-    cdef void _map_new(self, uint32_t f, Pager pg, uint32_t idx) noexcept
+    cdef void _map_new(self, uint32_t f, Pager pg, uint32_t idx) noexcept nogil
+    cdef uint32_t _touch_fast(self, Pager pg, uint32_t a, uint32_t b, bint write,
+                              Py_ssize_t *fresh) noexcept nogil
+    cdef Py_ssize_t _drop(self, Pager pg, uint32_t a, uint32_t b) noexcept nogil
+    cdef Py_ssize_t _lazyfree(self, Pager pg, uint32_t a, uint32_t b) noexcept nogil
+    cdef void _share(self, Pager parent, Pager child, uint32_t n) noexcept nogil
     cdef void _swap_put(self, uint32_t slot) noexcept nogil
     cdef int _fault(self, Pager pg, uint32_t idx, bint write) except -1
     cdef int _discardable(self, uint32_t f) except -1

@@ -6,6 +6,10 @@ from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memset
 from libc.errno cimport EAGAIN
+from cpython.pythread cimport (
+    NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock, PyThread_allocate_lock,
+    PyThread_free_lock, PyThread_release_lock,
+)
 
 cdef extern from *:
     """
@@ -65,14 +69,31 @@ cdef class SimCore:
         self.free_head = 1
         self.nfree = self.nframes
         self.owners = []
+        self.mutex = PyThread_allocate_lock()
+        if self.mutex == NULL:
+            raise MemoryError("cannot allocate the simulated kernel's lock")
 
     def __dealloc__(self):
+        if self.mutex != NULL:
+            PyThread_free_lock(self.mutex)
         free(self.frames)
         free(self.ram)
         free(self.swap)
         free(self.swap_refs)
         free(self.swap_dirty)
         free(self.swap_free)
+
+    # ---------------------------------------------------------------- locking
+
+    cdef int _lock(self) except -1:
+        # Page loops run without the GIL, so the simulated machine needs its own lock.
+        if not PyThread_acquire_lock(self.mutex, NOWAIT_LOCK):
+            with nogil:
+                PyThread_acquire_lock(self.mutex, WAIT_LOCK)
+        return 0
+
+    cdef void _unlock(self) noexcept:
+        PyThread_release_lock(self.mutex)
 
     # ---------------------------------------------------------------- rmap groups
 
@@ -128,7 +149,10 @@ cdef class SimCore:
                     f"simulated RAM is full ({self.nframes} pages) and nothing can be reclaimed: "
                     f"no page is volatile or lazily freed"
                     + (" and swap is full" if self.nswap else " and there is no swap"))
-        f = self.free_head
+        return self._take_free()
+
+    cdef uint32_t _take_free(self) noexcept nogil:
+        cdef uint32_t f = self.free_head
         self.free_head = self.frames[f].next
         self.nfree -= 1
         if self.frames[f].flags & SIM_DATA:
@@ -147,7 +171,7 @@ cdef class SimCore:
         self.free_head = f
         self.nfree += 1
 
-    cdef void _map_new(self, uint32_t f, Pager pg, uint32_t idx) noexcept:
+    cdef void _map_new(self, uint32_t f, Pager pg, uint32_t idx) noexcept nogil:
         self.frames[f].owner = pg.owner
         self.frames[f].index = idx
         self.frames[f].mapcount = 1
@@ -176,6 +200,7 @@ cdef class SimCore:
             pg.table._populate(idx, idx + 1)
             pg.table._release()
             self.faults += 1
+            self.zero_page_faults += 1
             fresh = 1
         elif s & SIM_SWAPPED:
             slot = s & ~SIM_SWAPPED
@@ -213,20 +238,68 @@ cdef class SimCore:
             self.nlazyfree -= 1
         return fresh
 
+    cdef uint32_t _touch_fast(self, Pager pg, uint32_t a, uint32_t b, bint write,
+                              Py_ssize_t *fresh) noexcept nogil:
+        """Touch pages from a on while no page needs the GIL (reclaim, swap-in, copy on write or a
+        purged volatile page); returns the first page not handled."""
+        cdef uint32_t idx, s, e
+        cdef Py_ssize_t k
+        for idx in range(a, b):
+            s = pg.slots[idx]
+            if s == 0:
+                if self.free_head == 0:
+                    return idx
+                k = pg.table._find(idx)
+                if k >= 0:
+                    e = pg.table.entries[idx]
+                    if (e & DC_LOST) and (e & pg.table.token_mask) == pg.table.ranges[k].token:
+                        return idx
+                self._map_new(self._take_free(), pg, idx)
+                pg.table._populate(idx, idx + 1)
+                self.faults += 1
+                self.zero_page_faults += 1
+                fresh[0] += 1
+                s = pg.slots[idx]
+            elif s & SIM_SWAPPED:
+                return idx
+            elif write and self.frames[s].mapcount > 1 and not pg.shared:
+                return idx
+            elif self.lru_head != s:
+                self._lru_del(s)
+                self._lru_add(s)
+            if write and (self.frames[s].flags & SIM_LAZYFREE):
+                self.frames[s].flags &= ~SIM_LAZYFREE
+                self.nlazyfree -= 1
+        return b
+
     def touch(self, Pager pg, first, count, bint write=False, bint stop_on_purged=True) -> tuple:
         """Access pages [first, first+count) in order, faulting them in; (done, fresh).
 
         With stop_on_purged, stops before the first page that was purged while volatile and is
         still volatile (the SIGBUS page), so done < count; fresh counts pages that came in new."""
-        cdef Py_ssize_t a = _as_index(first), n = _as_index(count), done = 0, fresh = 0
-        cdef uint32_t idx
+        cdef Py_ssize_t a = _as_index(first), n = _as_index(count), fresh = 0
+        cdef uint32_t idx, end, stop
         pg.table._check_span(a, n)
-        for idx in range(<uint32_t>a, <uint32_t>(a + n)):
-            if stop_on_purged and pg.slots[idx] == 0 and pg.table._state(idx) == SIM_STATE_PURGED:
-                break
-            fresh += self._fault(pg, idx, write)
-            done += 1
-        return done, fresh
+        idx = <uint32_t>a
+        end = <uint32_t>(a + n)
+        self._lock()
+        try:
+            while idx < end:
+                if end - idx >= NOGIL_PAGES:
+                    pg.table._acquire()
+                    with nogil:
+                        stop = self._touch_fast(pg, idx, end, write, &fresh)
+                    pg.table._release()
+                    idx = stop
+                    if idx == end:
+                        break
+                if stop_on_purged and pg.slots[idx] == 0 and pg.table._state(idx) == SIM_STATE_PURGED:
+                    break
+                fresh += self._fault(pg, idx, write)
+                idx += 1
+            return idx - <uint32_t>a, fresh
+        finally:
+            self._unlock()
 
     def read(self, Pager pg, page, Py_ssize_t offset, Py_ssize_t n) -> bytes:
         """Bytes [offset, offset+n) of a resident page."""
@@ -235,7 +308,11 @@ cdef class SimCore:
             raise RuntimeError(f"page {page} is not resident: fault it in first")
         if offset < 0 or n < 0 or offset + n > self.page_size:
             raise ValueError(f"bytes [{offset}, {offset + n}) are outside a page")
-        return (<char *>self._page(f))[offset:offset + n]
+        self._lock()
+        try:
+            return (<char *>self._page(f))[offset:offset + n]
+        finally:
+            self._unlock()
 
     def write(self, Pager pg, page, Py_ssize_t offset, const unsigned char[:] data) -> None:
         """Store data at offset in a resident page that is private (faulted in for writing)."""
@@ -248,17 +325,17 @@ cdef class SimCore:
         if self.frames[f].mapcount > 1 and not pg.shared:
             raise RuntimeError(f"page {page} is shared copy-on-write: fault it in for writing first")
         if n:
+            self._lock()
             memcpy(self._page(f) + offset, &data[0], n)
             self.frames[f].flags |= SIM_DATA
+            self._unlock()
 
     # ---------------------------------------------------------------- madvise helpers
 
-    def discard(self, Pager pg, first, count) -> int:
-        """Unmap pages without a purge (MADV_DONTNEED, munmap); returns frames and slots dropped."""
-        cdef Py_ssize_t a = _as_index(first), n = _as_index(count), dropped = 0
+    cdef Py_ssize_t _drop(self, Pager pg, uint32_t a, uint32_t b) noexcept nogil:
+        cdef Py_ssize_t dropped = 0
         cdef uint32_t idx, s
-        pg.table._check_span(a, n)
-        for idx in range(<uint32_t>a, <uint32_t>(a + n)):
+        for idx in range(a, b):
             s = pg.slots[idx]
             if s == 0:
                 continue
@@ -270,53 +347,95 @@ cdef class SimCore:
                 self.frames[s].mapcount -= 1
                 if self.frames[s].mapcount == 0:
                     self._free_frame(s)
-        pg.table.discard(a, n)
+        pg.table._discard(a, b)
         return dropped
 
-    def lazyfree(self, Pager pg, first, count) -> int:
-        """MADV_FREE: make exclusive resident pages lazily freeable, drop swapped ones; returns
-        pages made lazy.  Pages shared copy-on-write are left alone, as Linux does."""
-        cdef Py_ssize_t a = _as_index(first), n = _as_index(count), made = 0
-        cdef uint32_t idx, s
+    def discard(self, Pager pg, first, count) -> int:
+        """Unmap pages without a purge (MADV_DONTNEED, munmap); returns frames and slots dropped."""
+        cdef Py_ssize_t a = _as_index(first), n = _as_index(count), dropped
         pg.table._check_span(a, n)
-        for idx in range(<uint32_t>a, <uint32_t>(a + n)):
+        self._lock()
+        pg.table._acquire()
+        try:
+            if n < NOGIL_PAGES:
+                return self._drop(pg, <uint32_t>a, <uint32_t>(a + n))
+            with nogil:
+                dropped = self._drop(pg, <uint32_t>a, <uint32_t>(a + n))
+            return dropped
+        finally:
+            pg.table._release()
+            self._unlock()
+
+    cdef Py_ssize_t _lazyfree(self, Pager pg, uint32_t a, uint32_t b) noexcept nogil:
+        cdef Py_ssize_t made = 0
+        cdef uint32_t idx, s
+        for idx in range(a, b):
             s = pg.slots[idx]
             if s & SIM_SWAPPED:
                 pg.slots[idx] = 0
                 self._swap_put(s & ~SIM_SWAPPED)
-                pg.table._acquire()
                 pg.table._discard(idx, idx + 1)
-                pg.table._release()
             elif s and self.frames[s].mapcount == 1 and not (self.frames[s].flags & SIM_LAZYFREE):
                 self.frames[s].flags |= SIM_LAZYFREE
                 self.nlazyfree += 1
                 made += 1
         # Linux's MADV_FREE visits every page table entry of the range.
-        self.madv_free_visits += <uint64_t>n
+        self.madv_free_visits += b - a
         return made
 
-    def fork_into(self, Pager parent, Pager child) -> None:
-        """Make child a copy-on-write copy of parent's pages [0, parent.top), volatility included."""
-        cdef Py_ssize_t n = parent.top
+    def lazyfree(self, Pager pg, first, count) -> int:
+        """MADV_FREE: make exclusive resident pages lazily freeable, drop swapped ones; returns
+        pages made lazy.  Pages shared copy-on-write are left alone, as Linux does."""
+        cdef Py_ssize_t a = _as_index(first), n = _as_index(count), made
+        pg.table._check_span(a, n)
+        self._lock()
+        pg.table._acquire()
+        try:
+            if n < NOGIL_PAGES:
+                return self._lazyfree(pg, <uint32_t>a, <uint32_t>(a + n))
+            with nogil:
+                made = self._lazyfree(pg, <uint32_t>a, <uint32_t>(a + n))
+            return made
+        finally:
+            pg.table._release()
+            self._unlock()
+
+    cdef void _share(self, Pager parent, Pager child, uint32_t n) noexcept nogil:
         cdef uint32_t idx, s
-        if child.npages < n or child.owner != parent.owner or child.table.walk != parent.table.walk:
-            raise ValueError("the child must be a fresh Pager of the parent's size, group and strategy")
-        for idx in range(<uint32_t>n):
-            s = parent.slots[idx]
-            if s & SIM_SWAPPED:
-                if self.swap_refs[s & ~SIM_SWAPPED] == 0xffff:
-                    raise OSError(EAGAIN, "too many processes share a swapped page")
-            elif s and self.frames[s].mapcount == 0xffff:
-                raise OSError(EAGAIN, "too many processes share a page")
-        _clone_pagetable(parent.table, child.table, n)
-        for idx in range(<uint32_t>n):
+        for idx in range(n):
             s = parent.slots[idx]
             child.slots[idx] = s
             if s & SIM_SWAPPED:
                 self.swap_refs[s & ~SIM_SWAPPED] += 1
             elif s:
                 self.frames[s].mapcount += 1
-        child.top = n
+
+    def fork_into(self, Pager parent, Pager child) -> None:
+        """Make child a copy-on-write copy of parent's pages [0, parent.top), volatility included."""
+        cdef Py_ssize_t n = parent.top
+        cdef uint32_t idx, s
+        if (child.npages < n or child.owner != parent.owner or child.top
+                or child.table.walk != parent.table.walk):
+            raise ValueError("the child must be a fresh Pager of the parent's size, group and strategy")
+        self._lock()
+        try:
+            for idx in range(<uint32_t>n):
+                s = parent.slots[idx]
+                if s & SIM_SWAPPED:
+                    if self.swap_refs[s & ~SIM_SWAPPED] == 0xffff:
+                        raise OSError(EAGAIN, "too many processes share a swapped page")
+                elif s and self.frames[s].mapcount == 0xffff:
+                    raise OSError(EAGAIN, "too many processes share a page")
+            parent.table._acquire()
+            try:
+                _clone_pagetable(parent.table, child.table, n)
+            finally:
+                parent.table._release()
+            with nogil:
+                self._share(parent, child, <uint32_t>n)
+            child.top = n
+        finally:
+            self._unlock()
 
     # ---------------------------------------------------------------- reclaim
 
@@ -417,27 +536,41 @@ cdef class SimCore:
         cdef Py_ssize_t n = _as_index(npages)
         if n < 0:
             raise ValueError(f"npages must not be negative, got {npages!r}")
-        return self._reclaim(n)
+        self._lock()
+        try:
+            return self._reclaim(n)
+        finally:
+            self._unlock()
 
     # ---------------------------------------------------------------- inspection
 
     def discardable_pages(self) -> int:
         """Resident frames that reclaim could purge now: every mapping of them is volatile."""
-        cdef uint32_t f = self.lru_head
+        cdef uint32_t f
         cdef Py_ssize_t count = 0
-        while f:
-            count += self._discardable(f)
-            f = self.frames[f].next
-        return count
+        self._lock()
+        try:
+            f = self.lru_head
+            while f:
+                count += self._discardable(f)
+                f = self.frames[f].next
+            return count
+        finally:
+            self._unlock()
 
     def lru(self) -> list:
         """Frames from least to most recently used, as (owner, index, mapcount)."""
-        cdef uint32_t f = self.lru_tail
+        cdef uint32_t f
         out = []
-        while f:
-            out.append((self.frames[f].owner, self.frames[f].index, self.frames[f].mapcount))
-            f = self.frames[f].prev
-        return out
+        self._lock()
+        try:
+            f = self.lru_tail
+            while f:
+                out.append((self.frames[f].owner, self.frames[f].index, self.frames[f].mapcount))
+                f = self.frames[f].prev
+            return out
+        finally:
+            self._unlock()
 
     def mapcount(self, uint32_t frame) -> int:
         """How many mappings share a frame (0 if free)."""

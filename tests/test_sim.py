@@ -579,3 +579,59 @@ def test_a_million_pages_with_few_bytes_each():
     # Bookkeeping per resident page: a frame entry plus the slot and page entry of its mapping.
     per_page = k.core.nbytes / n + (p.pager.nbytes / p.pager.npages)
     assert per_page <= 32
+
+
+# ------------------------------------------------------------------ the GIL-free fast path
+
+
+def mixed_kernel(strategy):
+    """A kernel whose 6000-page mapping mixes every kind of page a touch can meet."""
+    k = SimulatedKernel(ram_pages=8000, swap_pages=1000, page_size=256, strategy=strategy)
+    p = k.spawn()
+    a = p.mmap(6000 * 256)
+    p.touch(a, 3000 * 256, write=True)
+    c = p.fork()
+    p.madvise(a + 1000 * 256, 500 * 256, MADV_VOLATILE_ZEROFILL)
+    p.madvise(a + 1500 * 256, 500 * 256, MADV_VOLATILE)
+    assert k.reclaim(300) == 300  # nothing discardable (the child is not volatile): to swap
+    c.madvise(a + 1000 * 256, 1000 * 256, MADV_VOLATILE)
+    assert k.reclaim(700) == 700  # purges in both ranges, SIGBUS ones included
+    p.touch(a + 3000 * 256, 200 * 256, write=True)  # private pages, for MADV_FREE to act on
+    p.madvise(a + 2900 * 256, 300 * 256, MADV_FREE)
+    assert k.stats()["swap_outs"] == 300 and k.stats()["purged_pages"] == 700
+    assert k.stats()["lazyfree_pages"] == 200
+    return k, p, c, a
+
+
+def touch_skipping(p, addr, npages, write, step):
+    """Touch npages from addr, `step` pages per call, skipping SIGBUS pages; (fresh, sigbus pages)."""
+    fresh, lost = 0, []
+    page = 0
+    while page < npages:
+        n = min(step, npages - page)
+        try:
+            fresh += p.touch(addr + page * 256, n * 256, write)
+            page += n
+        except PurgedPageError as e:
+            lost.append(e.address)
+            page = (e.address - addr) // 256 + 1
+    return fresh, lost
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_bulk_touch_matches_page_by_page(strategy, write):
+    k1, p1, c1, a = mixed_kernel(strategy)
+    k2, p2, c2, _ = mixed_kernel(strategy)
+    assert k1.stats() == k2.stats()
+    # one call (GIL released over runs of plain pages) vs one call per page (always the slow path)
+    r1 = touch_skipping(p1, a, 6000, write, 6000)
+    r2 = touch_skipping(p2, a, 6000, write, 1)
+    # (the counts of fresh pages differ: a SIGBUS loses the count of the call it interrupts)
+    assert r1[1] == r2[1] and len(r1[1]) == 200
+    s1, s2 = k1.stats(), k2.stats()
+    assert s1 == s2
+    assert s1["zero_page_faults"] > 3000 and s1["zero_fills"] == 500 and s1["swap_ins"] == 300
+    assert s1["cow_faults"] > 0 if write else s1["cow_faults"] == 0
+    assert s1["lazyfree_pages"] == (0 if write else 200)
+    assert k1.core.lru() == k2.core.lru()
+    assert p1.pager.table.states() == p2.pager.table.states()

@@ -472,6 +472,7 @@ class SimulatedKernel:
             "madv_free_visits": core.madv_free_visits,
             "record_visits": self._retired_record_visits + sum(p.table.record_visits for p in pagers),
             "faults": core.faults,
+            "zero_page_faults": core.zero_page_faults,
             "cow_faults": core.cow_faults,
             "swap_ins": core.swap_ins,
             "swap_outs": core.swap_outs,

@@ -207,7 +207,9 @@ class Replayer:
 
     def op_read(self, proc: str, region: str, first: int, count: int) -> None:
         p, addr, nbytes = self._span(proc, region, first, count)
-        self.result.zero_reads += self._touch(p, addr, nbytes, False)
+        before = self.kernel.core.zero_page_faults
+        self._touch(p, addr, nbytes, False)
+        self.result.zero_reads += self.kernel.core.zero_page_faults - before
 
     def op_dontneed(self, proc: str, region: str, first: int, count: int) -> None:
         from .kernel import MADV_DONTNEED
