@@ -127,8 +127,10 @@ def fork_accounting(pages: int = 1024, children: int = 2) -> list[dict]:
 def swapless_reclaim(ram_pages: int = 1 << 18, ask: int = 4096) -> list[dict]:
     """Scanning cost of reclaim without swap, by how much is volatile and where it sits in the LRU."""
     rows = []
-    for fraction, where in ((0.0, "-"), (0.10, "oldest"), (0.10, "newest"), (0.02, "newest")):
-        k = SimulatedKernel(ram_pages=ram_pages, page_size=4096)
+    cases = ((0.0, "-", True), (0.0, "-", False), (0.10, "oldest", False),
+             (0.10, "newest", False), (0.02, "newest", False))
+    for fraction, where, always in cases:
+        k = SimulatedKernel(ram_pages=ram_pages, page_size=4096, always_age=always)
         p = k.spawn()
         nvol = int(ram_pages * fraction)
         a = p.mmap(ram_pages * 4096)
@@ -140,7 +142,8 @@ def swapless_reclaim(ram_pages: int = 1 << 18, ask: int = 4096) -> list[dict]:
         freed = k.reclaim(ask)
         elapsed = (time.perf_counter_ns() - t0) / 1e6
         scanned = k.stats()["reclaim_scanned"]
-        rows.append({"volatile": f"{fraction:.0%}", "in LRU": where, "asked": ask, "freed": freed,
+        rows.append({"policy": "always age" if always else "age while volatile",
+                     "volatile": f"{fraction:.0%}", "in LRU": where, "asked": ask, "freed": freed,
                      "scanned": scanned, "scanned/freed": scanned / freed if freed else None,
                      "ms": elapsed})
     return rows

@@ -376,10 +376,14 @@ class SimulatedKernel:
     """Simulated RAM, swap and processes with v14 volatile ranges, built on discache's core."""
 
     def __init__(self, ram_pages: int = 1 << 18, swap_pages: int = 0, page_size: int = 4096,
-                 strategy: Literal["token", "walk"] = "token", va_pages: int | None = None) -> None:
+                 strategy: Literal["token", "walk"] = "token", va_pages: int | None = None,
+                 always_age: bool = False) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be 'token' or 'walk', got {strategy!r}")
         self.core = SimCore(ram_pages, swap_pages, page_size)
+        # Without swap, reclaim scans the LRU only while something is volatile or lazily freed;
+        # always_age scans regardless (what a kernel without the volatile-range count must do).
+        self.core.force_aging = bool(always_age)
         self.strategy = strategy
         self.page_size = page_size
         self.ram_pages = ram_pages
