@@ -76,32 +76,42 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def unmark_sweep(sizes: Sequence[int] = (1, 64, 4096, 262144, 1 << 20)) -> list[dict]:
-    """Cost of MADV_NONVOLATILE on ranges of growing size, token vs walk (10% purged)."""
+def unmark_sweep(sizes: Sequence[int] = (1, 64, 4096, 262144, 1 << 20),
+                 repeats: int = 3) -> list[dict]:
+    """Cost of MADV_NONVOLATILE (and MADV_VOLATILE) on one range of growing size, token vs walk,
+    with 10% of the range purged; times are medians of `repeats` fresh kernels."""
     rows = []
     for n in sizes:
         row: dict = {"pages": n}
         for strategy in ("token", "walk"):
-            k = SimulatedKernel(ram_pages=max(n // 10, 1), page_size=4096, strategy=strategy,
-                                va_pages=max(n, 1 << 16))
-            p = k.spawn()
-            a = p.mmap(n * 4096)
-            p.touch(a, (n // 10) * 4096, write=True)
-            p.madvise(a, n * 4096, MADV_VOLATILE)
-            k.reclaim(n // 10)
-            before = k.stats()["pte_visits"]
-            t0 = time.perf_counter_ns()
-            p.madvise(a, n * 4096, MADV_NONVOLATILE)
-            row[f"{strategy} us"] = (time.perf_counter_ns() - t0) / 1000
-            row[f"{strategy} visits"] = k.stats()["pte_visits"] - before
-            # marking is O(ranges) in both designs
-            before = k.stats()["pte_visits"]
-            t0 = time.perf_counter_ns()
-            p.madvise(a, n * 4096, MADV_VOLATILE)
-            row[f"{strategy} mark us"] = (time.perf_counter_ns() - t0) / 1000
-            row[f"{strategy} mark visits"] = k.stats()["pte_visits"] - before
+            samples = [_unmark_once(strategy, n) for _ in range(repeats)]
+            unmark_us, visits, mark_us, mark_visits = (sorted(col)[len(col) // 2]
+                                                       for col in zip(*samples))
+            row.update({f"{strategy} us": unmark_us, f"{strategy} visits": visits,
+                        f"{strategy} mark us": mark_us, f"{strategy} mark visits": mark_visits})
         rows.append(row)
     return rows
+
+
+def _unmark_once(strategy: str, n: int) -> tuple[float, int, float, int]:
+    purged = n // 10
+    k = SimulatedKernel(ram_pages=max(purged, 1), page_size=4096, strategy=strategy,
+                        va_pages=max(n, 1 << 16))
+    p = k.spawn()
+    a = p.mmap(n * 4096)
+    p.touch(a, purged * 4096, write=True)
+    p.madvise(a, n * 4096, MADV_VOLATILE)
+    k.reclaim(purged)
+    before = k.stats()["pte_visits"]
+    t0 = time.perf_counter_ns()
+    p.madvise(a, n * 4096, MADV_NONVOLATILE)
+    unmark_us = (time.perf_counter_ns() - t0) / 1000
+    visits = k.stats()["pte_visits"] - before
+    before = k.stats()["pte_visits"]
+    t0 = time.perf_counter_ns()
+    p.madvise(a, n * 4096, MADV_VOLATILE)
+    mark_us = (time.perf_counter_ns() - t0) / 1000
+    return unmark_us, visits, mark_us, k.stats()["pte_visits"] - before
 
 
 def fork_accounting(pages: int = 1024, children: int = 2) -> list[dict]:
