@@ -109,7 +109,7 @@ def test_fault_in(benchmark, npages):
     k = SimulatedKernel(ram_pages=npages, page_size=PS)
     p = k.spawn()
     p.touch(p.mmap(npages * PS), npages * PS, write=True)
-    per_page = (k.core.nbytes + p.pager.nbytes) / npages
+    per_page = k.stats()["bookkeeping_bytes"] / npages
     benchmark.extra_info.update(op="fault in", pages=npages, bookkeeping_bytes_per_page=per_page)
     benchmark.pedantic(run, setup=setup, rounds=5)
 

@@ -25,6 +25,12 @@ cdef class Pager:
         """Bytes of bookkeeping: page slots plus the PageTable's."""
         return self.npages * sizeof(uint32_t) + self.table.nbytes
 
+    @property
+    def nbytes_used(self) -> int:
+        """Bookkeeping bytes of pages [0, top), the ones ever mapped; pages past top only have
+        address space reserved (calloc'd zero memory the host never backs until touched)."""
+        return self.top * 2 * sizeof(uint32_t) + self.table.nbytes - self.npages * sizeof(uint32_t)
+
     def slot(self, page) -> int:
         """Raw slot of a page: 0, a frame number, or SIM_SWAPPED | swap slot."""
         cdef uint32_t p = self.table._check_page(page)

@@ -492,5 +492,5 @@ class SimulatedKernel:
             "swap_used": core.swap_used(),
             "lazyfree_pages": core.nlazyfree,
             "processes": len(self.processes),
-            "bookkeeping_bytes": core.nbytes + sum(p.nbytes for p in pagers),
+            "bookkeeping_bytes": core.nbytes + sum(p.nbytes_used for p in pagers),
         }
