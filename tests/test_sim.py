@@ -635,3 +635,73 @@ def test_bulk_touch_matches_page_by_page(strategy, write):
     assert s1["lazyfree_pages"] == (0 if write else 200)
     assert k1.core.lru() == k2.core.lru()
     assert p1.pager.table.states() == p2.pager.table.states()
+
+
+# ------------------------------------------------------------------ documented details
+
+
+def test_madv_free_leaves_cow_shared_pages_alone(kernel):
+    p = kernel.spawn()
+    a = filled(p, 2)
+    p.fork()
+    p.madvise(a, 2 * PS, MADV_FREE)
+    assert kernel.stats()["lazyfree_pages"] == 0
+    assert kernel.reclaim(2) == 0
+
+
+def test_dontneed_keeps_an_earlier_purge_reported(kernel):
+    p = kernel.spawn()
+    a = filled(p, 2)
+    p.madvise(a, 2 * PS, MADV_VOLATILE)
+    kernel.reclaim(1)
+    p.madvise(a, 2 * PS, MADV_DONTNEED)
+    with pytest.raises(PurgedPageError):
+        p.read(a, 1)
+    assert p.read(a + PS, 1) == b"\0"  # dropped, not purged: a zero page
+    assert p.madvise(a, 2 * PS, MADV_NONVOLATILE) == 1
+
+
+def test_dontneed_on_shared_mapping_keeps_the_file_pages(kernel):
+    fd = kernel.memfd_create(PS)
+    p = kernel.spawn()
+    b = p.mmap(PS, fd=fd)
+    p.write(b, b"kept")
+    assert p.madvise(b, PS, MADV_DONTNEED) == 0
+    assert p.read(b, 4) == b"kept"
+
+
+def test_one_report_per_purge_of_a_shared_file(kernel):
+    fd = kernel.memfd_create(PS)
+    p, q = kernel.spawn(), kernel.spawn()
+    b, d = p.mmap(PS, fd=fd), q.mmap(PS, fd=fd)
+    p.write(b, b"x")
+    p.madvise(b, PS, MADV_VOLATILE)
+    kernel.reclaim(1)
+    assert q.madvise(d, PS, MADV_NONVOLATILE) == 1
+    assert p.madvise(b, PS, MADV_NONVOLATILE) == 0
+
+
+def test_copy_on_write_source_is_pinned_during_direct_reclaim(kernel):
+    k = SimulatedKernel(ram_pages=4, page_size=PS, strategy=kernel.strategy)
+    p = k.spawn()
+    a = filled(p, 4)
+    p.madvise(a, 4 * PS, MADV_VOLATILE)
+    c = p.fork()  # inherits the marks: every page is volatile in both
+    c.write(a + 1, b"C")  # page 0 is the oldest: reclaim would take it, but it is the source
+    assert c.read(a, 9) == b"dCdddddd\x00"
+    assert p.read(a, 9) == pattern(b"d", 0)
+    assert k.stats()["purged_pages"] >= 1 and k.stats()["cow_faults"] == 1
+
+
+def test_fork_refuses_more_than_65535_sharers():
+    k = SimulatedKernel(ram_pages=4, page_size=PS, va_pages=4)
+    p = k.spawn()
+    a = p.mmap(PS)
+    p.touch(a, PS, write=True)
+    frame = p.pager.slot(0)
+    for _ in range(65534):
+        p.fork()
+    assert k.core.mapcount(frame) == 65535
+    assert_errno(errno.EAGAIN, p.fork)
+    assert k.core.mapcount(frame) == 65535
+    assert len(k.processes) == 65535

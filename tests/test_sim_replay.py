@@ -157,3 +157,29 @@ def test_simulate_command_reports_bad_input(tmp_path, capsys):
     path.write_text("spawn app\nmmap app big 100\nwrite app big 0 100\n")
     assert main(["simulate", "--trace", str(path), "--ram-pages", "16", "--workload-only"]) == 1
     assert "MemoryError" in capsys.readouterr().err
+
+
+def test_the_trace_example_of_the_docs(tmp_path):
+    text = open("docs/sim.md", encoding="utf-8").read()
+    example = text.split("```\n# two processes share")[1].split("```")[0]
+    example = "# two processes share" + example
+    rows = {}
+    for design in DESIGNS:
+        if design == "madv_free":
+            continue  # MADV_FREE does not apply to shared memory (EINVAL)
+        r = replay(example, design, ram_pages=128)
+        rows[design] = (r.row()["SIGBUS"], r.zero_reads, r.purged_locks, r.stats["purged_pages"])
+    assert rows == {"walk+sigbus": (1, 0, 1, 32), "token+sigbus": (1, 0, 1, 32),
+                    "token+zerofill": (0, 1, 1, 32)}
+    with pytest.raises(OSError, match="MADV_FREE works on private anonymous memory only"):
+        replay(example, "madv_free", ram_pages=128)
+
+
+def test_simulate_command_runs_the_designs_that_apply(tmp_path, capsys):
+    path = tmp_path / "shared.trace"
+    path.write_text("spawn a\nmemfd f 4\nmmapfd a m f 4\nwrite a m 0 4\nunlock a m 0 4\n")
+    assert main(["simulate", "--trace", str(path), "--workload-only", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert "madv_free: the workload failed" in captured.err
+    designs = [row["design"] for row in json.loads(captured.out)["designs"]]
+    assert designs == ["walk+sigbus", "token+sigbus", "token+zerofill"]

@@ -56,14 +56,19 @@ def run(args: argparse.Namespace) -> int:
         return 2
     report: dict = {"workload": title, "ram_pages": args.ram_pages, "swap_pages": args.swap_pages,
                     "page_size": args.page_size, "designs": []}
+    failed = 0
     for name in names:
-        replayer = Replayer(DESIGNS[name], args.ram_pages, args.swap_pages, args.page_size)
         try:
+            replayer = Replayer(DESIGNS[name], args.ram_pages, args.swap_pages, args.page_size)
             result = replayer.run(ops)
-        except (TraceError, OSError, MemoryError, KeyError) as e:
+        except (TraceError, OSError, MemoryError, KeyError, ValueError) as e:
+            # One design may not apply (MADV_FREE on shared memory): report it, run the others.
             print(f"discache simulate: {name}: the workload failed: {e!r}", file=sys.stderr)
-            return 1
+            failed += 1
+            continue
         report["designs"].append(result.row())
+    if not report["designs"]:
+        return 1
     if not args.workload_only:
         report["unmark_sweep"] = unmark_sweep()
         report["fork_accounting"] = fork_accounting()
@@ -73,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         print()
     else:
         print_report(report)
-    return 0
+    return 1 if failed else 0
 
 
 def unmark_sweep(sizes: Sequence[int] = (1, 64, 4096, 262144, 1 << 20),
