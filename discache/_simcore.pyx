@@ -42,9 +42,11 @@ cdef class SimCore:
         if nram <= 0 or <uint64_t>nram > SIM_MAX_FRAMES:
             raise ValueError(f"ram_pages must be between 1 and {SIM_MAX_FRAMES}, got {ram_pages!r}")
         if nswap < 0 or <uint64_t>nswap > SIM_MAX_FRAMES:
-            raise ValueError(f"swap_pages must be between 0 and {SIM_MAX_FRAMES}, got {swap_pages!r}")
+            raise ValueError(
+                f"swap_pages must be between 0 and {SIM_MAX_FRAMES}, got {swap_pages!r}")
         if psize < 64 or psize > (1 << 21) or (psize & (psize - 1)):
-            raise ValueError(f"page_size must be a power of two from 64 to 2 MiB, got {page_size!r}")
+            raise ValueError(
+                f"page_size must be a power of two from 64 to 2 MiB, got {page_size!r}")
         self.nframes = <uint32_t>nram
         self.nswap = <uint32_t>nswap
         self.page_size = <uint32_t>psize
@@ -293,7 +295,8 @@ cdef class SimCore:
                     idx = stop
                     if idx == end:
                         break
-                if stop_on_purged and pg.slots[idx] == 0 and pg.table._state(idx) == SIM_STATE_PURGED:
+                if (stop_on_purged and pg.slots[idx] == 0
+                        and pg.table._state(idx) == SIM_STATE_PURGED):
                     break
                 fresh += self._fault(pg, idx, write)
                 idx += 1
@@ -323,7 +326,8 @@ cdef class SimCore:
         if offset < 0 or offset + n > self.page_size:
             raise ValueError(f"bytes [{offset}, {offset + n}) are outside a page")
         if self.frames[f].mapcount > 1 and not pg.shared:
-            raise RuntimeError(f"page {page} is shared copy-on-write: fault it in for writing first")
+            raise RuntimeError(
+                f"page {page} is shared copy-on-write: fault it in for writing first")
         if n:
             self._lock()
             memcpy(self._page(f) + offset, &data[0], n)
@@ -411,12 +415,13 @@ cdef class SimCore:
                 self.frames[s].mapcount += 1
 
     def fork_into(self, Pager parent, Pager child) -> None:
-        """Make child a copy-on-write copy of parent's pages [0, parent.top), volatility included."""
+        """Make child a copy-on-write copy of parent's pages [0, top), volatility included."""
         cdef Py_ssize_t n = parent.top
         cdef uint32_t idx, s
         if (child.npages < n or child.owner != parent.owner or child.top
                 or child.table.walk != parent.table.walk):
-            raise ValueError("the child must be a fresh Pager of the parent's size, group and strategy")
+            raise ValueError(
+                "the child must be a fresh Pager of the parent's size, group and strategy")
         self._lock()
         try:
             for idx in range(<uint32_t>n):
@@ -514,7 +519,8 @@ cdef class SimCore:
                     self._unmap_all(f, True)
                     self.purged_pages += 1
                     freed += 1
-                elif self.frames[f].flags & SIM_LAZYFREE and not (self.frames[f].flags & SIM_PINNED):
+                elif (self.frames[f].flags & SIM_LAZYFREE
+                      and not (self.frames[f].flags & SIM_PINNED)):
                     self._unmap_all(f, False)
                     self.lazy_freed += 1
                     freed += 1

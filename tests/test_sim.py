@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import threading
 
 import pytest
 
@@ -604,7 +605,7 @@ def mixed_kernel(strategy):
 
 
 def touch_skipping(p, addr, npages, write, step):
-    """Touch npages from addr, `step` pages per call, skipping SIGBUS pages; (fresh, sigbus pages)."""
+    """Touch npages from addr, `step` pages a call, skipping SIGBUS pages; (fresh, SIGBUS pages)."""
     fresh, lost = 0, []
     page = 0
     while page < npages:
@@ -705,3 +706,43 @@ def test_fork_refuses_more_than_65535_sharers():
     assert_errno(errno.EAGAIN, p.fork)
     assert k.core.mapcount(frame) == 65535
     assert len(k.processes) == 65535
+
+
+def test_threads_calling_the_compiled_parts_keep_the_kernel_consistent():
+    k = SimulatedKernel(ram_pages=20000, page_size=256)
+    procs = [k.spawn() for _ in range(3)]
+    addrs = [p.mmap(8192 * 256) for p in procs]
+    for p, a in zip(procs, addrs):
+        p.madvise(a, 4096 * 256, MADV_VOLATILE)
+    errors = []
+
+    def worker(p, a):
+        try:
+            for _ in range(20):
+                for first in (0, 4096):  # a volatile half and a locked half, 4096 pages each
+                    try:
+                        p.touch(a + first * 256, 4096 * 256, write=True)
+                    except PurgedPageError:
+                        p.madvise(a, 4096 * 256, MADV_NONVOLATILE)
+                        p.madvise(a, 4096 * 256, MADV_VOLATILE)
+                p.madvise(a + 4096 * 256, 4096 * 256, MADV_DONTNEED)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    def reclaimer():
+        for _ in range(200):
+            k.reclaim(500)
+
+    threads = [threading.Thread(target=worker, args=pa) for pa in zip(procs, addrs)]
+    threads.append(threading.Thread(target=reclaimer))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    lru = k.core.lru()
+    assert len(lru) == k.stats()["used_pages"]
+    for p in procs:
+        states = p.pager.table.states(0, 8192)
+        for page in range(8192):
+            assert (states[page] in (1, 2)) == (p.pager.slot(page) != 0)

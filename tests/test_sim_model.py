@@ -116,7 +116,8 @@ class ObservedSemantics(RuleBasedStateMachine):
     def mark(self, i, first, count, zero):
         p, affected, _ = self.views(i)
         count = min(count, NPAGES - first)
-        p.madvise(self.addr + first * PS, count * PS, MADV_VOLATILE_ZEROFILL if zero else MADV_VOLATILE)
+        advice = MADV_VOLATILE_ZEROFILL if zero else MADV_VOLATILE
+        p.madvise(self.addr + first * PS, count * PS, advice)
         for model in affected:
             for page in range(first, first + count):
                 if model[page].mode is None:
@@ -163,7 +164,7 @@ class ObservedSemantics(RuleBasedStateMachine):
             # a report needs a loss: seen, found now, or invisible on a page that held zeros
             assert seen_lost or zeros or any(
                 was_volatile[q - first] and pages[q].content == ZEROS
-                for q in range(first, first + count)), "MADV_NONVOLATILE reported a loss that was not"
+                for q in range(first, first + count)), "MADV_NONVOLATILE reported a false loss"
         for model in affected:
             for q in range(first, first + count):
                 model[q].lost = False

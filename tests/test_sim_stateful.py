@@ -21,7 +21,6 @@ STRATEGIES = ("token", "walk")
 ADVICE = st.sampled_from([MADV_VOLATILE, MADV_VOLATILE, MADV_NONVOLATILE, MADV_NONVOLATILE,
                           MADV_VOLATILE_ZEROFILL, MADV_FREE, MADV_DONTNEED, 12345])
 READ_SIZES = st.sampled_from([0, 1, 10, PS, 3 * PS])
-PRESENT = 0x80000000
 # Counters that measure the cost of a strategy, the one thing allowed to differ.
 COST_KEYS = {"pte_visits", "record_visits", "bookkeeping_bytes"}
 
@@ -88,7 +87,8 @@ class TokenVsWalk(RuleBasedStateMachine):
         self.fds.append((r[1], npages))
 
     @precondition(lambda self: self.fds)
-    @rule(i=st.integers(0, 7), f=st.integers(0, 99), off=st.integers(0, 5), npages=st.integers(1, 6))
+    @rule(i=st.integers(0, 7), f=st.integers(0, 99), off=st.integers(0, 5),
+          npages=st.integers(1, 6))
     def mmap_shared(self, i, f, off, npages):
         fd, size = self.fds[f % len(self.fds)]
         off %= size
@@ -152,7 +152,8 @@ class TokenVsWalk(RuleBasedStateMachine):
         self.both(lambda w: proc(w).madvise(addr + page * PS + skew, count * PS, advice))
 
     @precondition(lambda self: self.maps)
-    @rule(m=st.integers(0, 99), j=st.integers(-3, 7), page=st.integers(0, 7), count=st.integers(1, 4))
+    @rule(m=st.integers(0, 99), j=st.integers(-3, 7), page=st.integers(0, 7),
+          count=st.integers(1, 4))
     def munmap(self, m, j, page, count):
         proc, addr, npages = self.target(m, j)
         self.both(lambda w: proc(w).munmap(addr + (page % npages) * PS, count * PS))

@@ -12,19 +12,39 @@ from .replay import DESIGNS, Replayer, TraceError, read_trace
 from .workload import image_cache
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _natural(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the `simulate` subcommand."""
     p = sub.add_parser("simulate", help=run.__doc__, description=__doc__)
     p.add_argument("--trace", metavar="FILE", help="replay this trace file (format: docs/sim.md) "
                    "instead of the built-in image cache; '-' reads standard input")
     p.add_argument("--designs", default=",".join(DESIGNS),
-                   help=f"comma-separated designs to compare (default: all of {', '.join(DESIGNS)})")
-    p.add_argument("--ram-pages", type=int, default=1 << 16, help="simulated RAM (default 65536)")
-    p.add_argument("--swap-pages", type=int, default=0, help="simulated swap (default 0: swapless)")
-    p.add_argument("--page-size", type=int, default=4096, help="page size in bytes (default 4096)")
-    p.add_argument("--steps", type=int, default=6000, help="built-in workload: steps (default 6000)")
-    p.add_argument("--images", type=int, default=384, help="built-in workload: images (default 384)")
-    p.add_argument("--image-pages", type=int, default=256,
+                   help="comma-separated designs to compare (default: all of "
+                        f"{', '.join(DESIGNS)})")
+    p.add_argument("--ram-pages", type=_positive, default=1 << 16,
+                   help="simulated RAM (default 65536)")
+    p.add_argument("--swap-pages", type=_natural, default=0,
+                   help="simulated swap (default 0: swapless)")
+    p.add_argument("--page-size", type=_positive, default=4096,
+                   help="page size in bytes (default 4096)")
+    p.add_argument("--steps", type=_natural, default=6000,
+                   help="built-in workload: steps (default 6000)")
+    p.add_argument("--images", type=_positive, default=384,
+                   help="built-in workload: images (default 384)")
+    p.add_argument("--image-pages", type=_positive, default=256,
                    help="built-in workload: pages per image (default 256)")
     p.add_argument("--seed", type=int, default=1, help="built-in workload: random seed (default 1)")
     p.add_argument("--workload-only", action="store_true",
@@ -140,7 +160,7 @@ def fork_accounting(pages: int = 1024, children: int = 2) -> list[dict]:
 
 
 def swapless_reclaim(ram_pages: int = 1 << 18, ask: int = 4096) -> list[dict]:
-    """Scanning cost of reclaim without swap, by how much is volatile and where it sits in the LRU."""
+    """Scanning cost of swapless reclaim, by how much is volatile and where it sits in the LRU."""
     rows = []
     cases = ((0.0, "-", True), (0.0, "-", False), (0.10, "oldest", False),
              (0.10, "newest", False), (0.02, "newest", False))

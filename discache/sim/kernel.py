@@ -1,4 +1,4 @@
-"""A deterministic simulated kernel with volatile ranges: processes, madvise, reclaim, fork, memfd."""
+"""A deterministic simulated kernel with volatile ranges: processes, madvise, reclaim, fork."""
 from __future__ import annotations
 
 import errno
@@ -10,7 +10,7 @@ from ..errors import PurgedPageError
 from .intervals import IntervalSet
 
 # MADV_VOLATILE/NONVOLATILE are v14's numbers (never merged; 18 and 19 are taken upstream today by
-# MADV_WIPEONFORK/KEEPONFORK, which the simulation does not have).  ZEROFILL is the simulation's own.
+# MADV_WIPEONFORK/KEEPONFORK, which the simulation does not have).  ZEROFILL is the sim's own.
 MADV_DONTNEED = 4
 MADV_FREE = 8
 MADV_VOLATILE = 18
@@ -184,7 +184,8 @@ class Process:
         if length == 0:
             raise _error(errno.EINVAL, "munmap: length must be positive")
         if first < 0 or end > self.pager.npages:
-            raise _error(errno.EINVAL, f"munmap: [{addr:#x}, +{length}) is outside the address space")
+            raise _error(errno.EINVAL,
+                         f"munmap: [{addr:#x}, +{length}) is outside the address space")
         self._unmap(first, end)
 
     def _unmap(self, first: int, end: int) -> None:
@@ -220,7 +221,8 @@ class Process:
         if length == 0:
             return 0
         if first < 0 or end > self.pager.npages:
-            raise _error(errno.ENOMEM, f"madvise: [{addr:#x}, +{length}) is outside the address space")
+            raise _error(errno.ENOMEM,
+                         f"madvise: [{addr:#x}, +{length}) is outside the address space")
         pieces = self._pieces(first, end, errno.ENOMEM, "madvise")
         if advice == MADV_FREE and any(m.file is not None for m, _, _ in pieces):
             raise _error(errno.EINVAL, "madvise: MADV_FREE works on private anonymous memory only")
@@ -263,7 +265,8 @@ class Process:
         first = (addr - VA_BASE) // ps
         end = (addr - VA_BASE + nbytes + ps - 1) // ps
         if addr < VA_BASE or end > self.pager.npages:
-            raise _error(errno.EFAULT, f"{call}: [{addr:#x}, +{nbytes}) is outside the address space")
+            raise _error(errno.EFAULT,
+                         f"{call}: [{addr:#x}, +{nbytes}) is outside the address space")
         return self._pieces(first, end, errno.EFAULT, call)
 
     def _fault_in(self, m: Mapping, first: int, count: int, write: bool) -> int:
@@ -448,7 +451,7 @@ class SimulatedKernel:
         return self.core.reclaim(_check_int("npages", npages))
 
     def volatile_pages(self) -> int:
-        """Resident physical pages that reclaim may discard now: every mapping of them is volatile."""
+        """Resident pages that reclaim may discard now: every mapping of them is volatile."""
         return self.core.discardable_pages()
 
     def _pagers(self) -> list[Pager]:
@@ -474,7 +477,8 @@ class SimulatedKernel:
         return {
             "pte_visits": visits + core.madv_free_visits,
             "madv_free_visits": core.madv_free_visits,
-            "record_visits": self._retired_record_visits + sum(p.table.record_visits for p in pagers),
+            "record_visits": (self._retired_record_visits
+                              + sum(p.table.record_visits for p in pagers)),
             "faults": core.faults,
             "zero_page_faults": core.zero_page_faults,
             "cow_faults": core.cow_faults,

@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, TextIO
 
 from ..errors import PurgedPageError
-from .kernel import MADV_FREE, MADV_NONVOLATILE, MADV_VOLATILE, MADV_VOLATILE_ZEROFILL, SimulatedKernel
+from .kernel import (
+    MADV_DONTNEED,
+    MADV_FREE,
+    MADV_NONVOLATILE,
+    MADV_VOLATILE,
+    MADV_VOLATILE_ZEROFILL,
+    SimulatedKernel,
+)
 
 Op = tuple
 
@@ -212,7 +219,6 @@ class Replayer:
         self.result.zero_reads += self.kernel.core.zero_page_faults - before
 
     def op_dontneed(self, proc: str, region: str, first: int, count: int) -> None:
-        from .kernel import MADV_DONTNEED
         p, addr, nbytes = self._span(proc, region, first, count)
         p.madvise(addr, nbytes, MADV_DONTNEED)
 
