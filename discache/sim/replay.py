@@ -130,6 +130,7 @@ class Result:
             "SIGBUS": s["sigbus"],
             "zero reads": self.zero_reads,
             "reclaimed": s["reclaimed"],
+            "swapped out": s["swap_outs"],
             "scanned": s["reclaim_scanned"],
             "wall s": self.wall_s,
         }
