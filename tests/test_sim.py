@@ -746,3 +746,33 @@ def test_threads_calling_the_compiled_parts_keep_the_kernel_consistent():
         states = p.pager.table.states(0, 8192)
         for page in range(8192):
             assert (states[page] in (1, 2)) == (p.pager.slot(page) != 0)
+
+
+def test_swapped_page_shared_by_fork_comes_back_to_each_process():
+    k = SimulatedKernel(ram_pages=4, swap_pages=8, page_size=PS)
+    p = k.spawn()
+    a = filled(p, 2)
+    c = p.fork()
+    assert k.reclaim(2) == 2  # both shared pages go to swap, one slot each for both processes
+    assert k.stats()["swap_used"] == 2
+    assert c.read(a, 9) == pattern(b"d", 0)  # the child gets its own copy back
+    assert k.stats()["swap_used"] == 2  # the parent still needs the slot
+    assert p.read(a, 9) == pattern(b"d", 0)
+    assert k.stats()["swap_used"] == 1
+    c.exit()
+    p.munmap(a, 2 * PS)
+    assert k.stats()["swap_used"] == 0 and k.stats()["used_pages"] == 0
+
+
+def test_shared_file_pages_swap_when_locked():
+    k = SimulatedKernel(ram_pages=4, swap_pages=8, page_size=PS)
+    fd = k.memfd_create(4 * PS)
+    p = k.spawn()
+    b = p.mmap(4 * PS, fd=fd)
+    for i in range(4):
+        p.write(b + i * PS, pattern(b"f", i))
+    assert k.reclaim(4) == 4
+    assert k.stats()["swap_outs"] == 4 and k.stats()["purged_pages"] == 0
+    q = k.spawn()
+    d = q.mmap(4 * PS, fd=fd)
+    assert [q.read(d + i * PS, 9) for i in range(4)] == [pattern(b"f", i) for i in range(4)]
