@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 
 from discache.cli import main
 from discache.sim.replay import DESIGNS, Replayer, TraceError, parse_trace, read_trace
 from discache.sim.workload import image_cache
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "sim.md"
 
 SMALL = """\
 # one process caches an 8-page object, goes idle, and is squeezed
@@ -160,7 +163,7 @@ def test_simulate_command_reports_bad_input(tmp_path, capsys):
 
 
 def test_the_trace_example_of_the_docs(tmp_path):
-    text = open("docs/sim.md", encoding="utf-8").read()
+    text = DOCS.read_text(encoding="utf-8")
     example = text.split("```\n# two processes share")[1].split("```")[0]
     example = "# two processes share" + example
     rows = {}
@@ -183,3 +186,10 @@ def test_simulate_command_runs_the_designs_that_apply(tmp_path, capsys):
     assert "madv_free: the workload failed" in captured.err
     designs = [row["design"] for row in json.loads(captured.out)["designs"]]
     assert designs == ["walk+sigbus", "token+sigbus", "token+zerofill"]
+
+
+def test_the_quick_start_of_the_docs_runs(capsys):
+    text = DOCS.read_text(encoding="utf-8")
+    code = text.split("```python\n")[1].split("```")[0]
+    exec(compile(code, str(DOCS), "exec"), {})
+    assert capsys.readouterr().out.strip() == hex(0x100000000)
