@@ -516,6 +516,7 @@ def test_bad_fd_and_bad_file_offsets(kernel):
     assert_errno(errno.EINVAL, p.mmap, PS, fd, 5)
     assert_errno(errno.EINVAL, p.mmap, 2 * PS, fd, PS)
     assert_errno(errno.EINVAL, kernel.memfd_create, 0)
+    assert_errno(errno.EFBIG, kernel.memfd_create, 1 << 60)
     assert_errno(errno.EBADF, kernel.close, 99)
 
 

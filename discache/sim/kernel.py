@@ -5,7 +5,7 @@ import errno
 from dataclasses import dataclass
 from typing import Literal
 
-from .._core import STRATEGIES, Pager, SimCore
+from .._core import MAX_PAGES, STRATEGIES, Pager, SimCore
 from ..errors import PurgedPageError
 from .intervals import IntervalSet
 
@@ -434,6 +434,8 @@ class SimulatedKernel:
         nbytes = _check_int("nbytes", nbytes)
         if nbytes <= 0:
             raise _error(errno.EINVAL, f"memfd_create: size must be positive, got {nbytes}")
+        if -(-nbytes // self.page_size) > MAX_PAGES:
+            raise _error(errno.EFBIG, f"memfd_create: {nbytes} bytes is more than {MAX_PAGES} pages")
         self._fd += 1
         self.files[self._fd] = SharedFile(self, self._fd, -(-nbytes // self.page_size))
         return self._fd
