@@ -3,3 +3,5 @@
 
 include "_pagetable.pyx"
 include "_kernel.pyx"
+include "_simpager.pyx"
+include "_simcore.pyx"

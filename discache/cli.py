@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"discache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help=cmd_info.__doc__).set_defaults(func=cmd_info)
+    from .sim.command import add_parser as add_simulate
+
+    add_simulate(sub)
     return parser
 
 

@@ -1,0 +1,24 @@
+"""discache.sim: a deterministic simulated kernel with v14 volatile ranges, on discache's core."""
+from .kernel import (
+    ADVICE_NAMES,
+    MADV_DONTNEED,
+    MADV_FREE,
+    MADV_NONVOLATILE,
+    MADV_VOLATILE,
+    MADV_VOLATILE_ZEROFILL,
+    VA_BASE,
+    Process,
+    SimulatedKernel,
+)
+
+__all__ = [
+    "ADVICE_NAMES",
+    "MADV_DONTNEED",
+    "MADV_FREE",
+    "MADV_NONVOLATILE",
+    "MADV_VOLATILE",
+    "MADV_VOLATILE_ZEROFILL",
+    "VA_BASE",
+    "Process",
+    "SimulatedKernel",
+]

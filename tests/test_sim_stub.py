@@ -1,0 +1,35 @@
+"""discache/_core.pyi describes the compiled parts of the simulation exactly."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from discache import _core
+
+STUB = Path(_core.__file__).with_name("_core.pyi")
+
+
+def stub_members(name):
+    tree = ast.parse(STUB.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+    names = set()
+    for node in cls.body:
+        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+            names.add(node.name)
+        elif isinstance(node, ast.AnnAssign):
+            names.add(node.target.id)
+    return names
+
+
+@pytest.mark.parametrize("name", ["Pager", "SimCore"])
+def test_stub_matches_compiled_class(name):
+    compiled = {m for m in dir(getattr(_core, name)) if not m.startswith("_")}
+    assert stub_members(name) == compiled
+
+
+def test_stub_names_module_constants():
+    text = STUB.read_text()
+    for constant in ("SIM_RECLAIM_BATCH", "SWAPPED_BIT"):
+        assert hasattr(_core, constant) and f"{constant}: int" in text
