@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .sim.command import add_parser as add_simulate
 
     add_simulate(sub)
+    from .benchreport import add_parser as add_bench
+
+    add_bench(sub)
     return parser
 
 
