@@ -409,8 +409,10 @@ def render(data: dict) -> str:
 # ---------------------------------------------------------------- running
 
 
-def bench_files(bench_dir: Path, groups: Iterable[str], log: TextIO) -> tuple[list[Path], list[str]]:
+def bench_files(bench_dir: Path, groups: Iterable[str],
+                log: TextIO | None = None) -> tuple[list[Path], list[str]]:
     """The files to run for the groups, and the groups that have them; missing files are reported."""
+    log = log or sys.stderr
     files, found = [], []
     for group in groups:
         present = [bench_dir / f for f in SUITES[group] if (bench_dir / f).exists()]
@@ -427,8 +429,9 @@ PROGRESS = re.compile(r"^(\S+::.+?)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\
 
 
 def run(bench_dir: Path, groups: Iterable[str], json_path: Path, quick: bool,
-        log: TextIO = sys.stderr) -> int:
+        log: TextIO | None = None) -> int:
     """Run pytest-benchmark on the groups' files, a progress line per benchmark; pytest's exit code."""
+    log = log or sys.stderr
     files, found = bench_files(bench_dir, groups, log)
     if not files:
         raise ReportError(f"no benchmark files to run in {bench_dir}")

@@ -1,0 +1,166 @@
+"""`discache bench`: the report of hand-written JSON for every group, and of a small real run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from discache import benchreport, cli
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def entry(name: str, median: float, **extra) -> dict:
+    """One pytest-benchmark entry, as much of it as the report reads."""
+    return {"name": name, "fullname": f"bench/x.py::{name}", "group": None,
+            "stats": {"median": median, "rounds": 5}, "extra_info": extra}
+
+
+def every_group() -> list[dict]:
+    benches = []
+    for pages, walk in ((1, 100e-9), (4096, 1e-6), (65536, 20e-6)):
+        benches.append(entry(f"unmark-walk-{pages}", walk, op="unmark", strategy="walk",
+                             pages=pages, purged=0))
+        benches.append(entry(f"unmark-token-{pages}", 50e-9, op="unmark", strategy="token",
+                             pages=pages, purged=0))
+    benches.append(entry("pairs", 2e-3, op="mark+unmark", strategy="token", pages=1, purged=0,
+                         pairs=10_000))
+    for pages in (1, 16):
+        benches.append(entry(f"bare-{pages}", 1e-6 * pages, backend="stdlib", pages=pages,
+                             op="bare mmap.madvise(MADV_FREE), dirty pages"))
+        benches.append(entry(f"rt-{pages}", 1.2e-6 * pages, op="unlock+lock",
+                             backend="madvfree", pages=pages))
+        benches.append(entry(f"hit-ct-{pages}", 200e-9, op="cache hit",
+                             cache="cachetools.LRUCache", pages=pages))
+        benches.append(entry(f"hit-lru-{pages}", 50e-9, op="cache hit",
+                             cache="functools.lru_cache", pages=pages))
+    benches.append(entry("sim-walk", 4e-6, op="MADV_NONVOLATILE", strategy="walk", pages=64,
+                         pte_visits=64))
+    benches.append(entry("sim-token", 1e-6, op="MADV_NONVOLATILE", strategy="token", pages=64,
+                         pte_visits=0))
+    benches.append(entry("fault", 2e-3, op="fault in", pages=65536))
+    benches.append(entry("mystery", 3e-3, op="something new"))
+    return benches
+
+
+def rows_of(md: str, first_cell: str) -> list[list[str]]:
+    """The cells of the table rows whose first cell is first_cell."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
+            if line.startswith(f"| {first_cell} |")]
+
+
+def test_every_group_gets_its_table_ratios_and_plot(tmp_path):
+    path = benchreport.write_report({"benchmarks": every_group()}, tmp_path)
+    md = path.read_text()
+    for name, (title, _, _) in benchreport.SECTIONS.items():
+        assert f"## {title}" in md, name
+    assert "left out" not in md
+    token = next(r for r in rows_of(md, "unmark") if r[2] == "token")
+    # 50 ns against walk's 100 ns, 1 us and 20 us at the same sizes; flat: 1.00x
+    assert token[3:] == ["50 ns (0.50x)", "50 ns (0.05x)", "50 ns (0.0025x)", "1.00x"]
+    walk = next(r for r in rows_of(md, "unmark") if r[2] == "walk")
+    assert walk[3:] == ["100 ns", "1.00 us", "20.00 us", "200x"]
+    assert "| token | 5.00 Mpair/s |" in md
+    assert rows_of(md, "unlock+lock") == [["unlock+lock", "madvfree", "1.20 us (1.20x)",
+                                           "19.20 us (1.20x)"]]
+    assert "baseline `bare mmap.madvise(MADV_FREE), dirty pages`" in md
+    assert rows_of(md, "cache hit")[1] == ["cache hit", "functools.lru_cache", "50 ns (0.25x)",
+                                           "50 ns (0.25x)"]
+    assert ["unmark", "token", "1.00 us (0.25x)"] in rows_of(md, "unmark")
+    assert "| fault in | pages=65536 | 2.00 ms | 32.77 Mpage/s |" in md
+    assert "| bench/x.py::mystery | op=something new | 3.00 ms |" in md
+    for png in ("unmark.png", "roundtrip.png", "cache.png", "sim.png"):
+        assert f"]({png})" in md
+        data = (tmp_path / png).read_bytes()
+        assert data.startswith(PNG_MAGIC)
+        with Image.open(tmp_path / png) as image:
+            assert image.width >= 600 and image.height >= 400
+    assert not (tmp_path / "other.png").exists()
+
+
+def test_groups_without_benchmarks_are_left_out_with_a_line(tmp_path):
+    only_cache = [b for b in every_group() if "cache" in b["extra_info"]]
+    md = benchreport.write_report({"benchmarks": only_cache}, tmp_path).read_text()
+    assert "## Cache hit" in md
+    for name in ("unmark", "roundtrip", "sim"):
+        assert f"No {name} benchmarks in this run" in md
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["cache.png"]
+
+
+def test_an_empty_run_is_a_report_of_left_out_groups(tmp_path):
+    md = benchreport.write_report({"benchmarks": []}, tmp_path).read_text()
+    assert md.count("is left out") == len(benchreport.GROUPS)
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_from_json_renders_without_running(tmp_path, capsys):
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps({"benchmarks": every_group()}))
+    assert cli.main(["bench", "--from-json", str(src), "--out", str(tmp_path / "r")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert (tmp_path / "r" / "report.md").read_text().count("## ") == 5
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read"), ("{", "is not JSON"), ('{"x": 1}', "no 'benchmarks' list"),
+])
+def test_unreadable_json_is_a_clear_error(tmp_path, capsys, content, message):
+    src = tmp_path / "in.json"
+    if content is not None:
+        src.write_text(content)
+    assert cli.main(["bench", "--from-json", str(src), "--out", str(tmp_path / "r")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r" / "report.md").exists()
+
+
+def test_only_rejects_unknown_groups(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--only", "unmark,bogus"])
+    assert exc.value.code == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+def test_a_missing_bench_file_leaves_its_group_out(tmp_path, capsys):
+    """bench_backends.py may not exist yet: --only roundtrip then has nothing to run."""
+    (tmp_path / "bench").mkdir()
+    rc = cli.main(["bench", "--only", "roundtrip", "--bench-dir", str(tmp_path / "bench"),
+                   "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "bench_backends.py not found" in err and "no benchmark files to run" in err
+
+
+def test_quick_run_of_the_pagetable_benchmarks(tmp_path, capsys):
+    """A real run: bench/bench_pagetable.py in quick mode, then its report and plot."""
+    out = tmp_path / "report"
+    rc = cli.main(["bench", "--only", "unmark", "--quick", "--out", str(out),
+                   "--bench-dir", str(ROOT / "bench")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    data = json.loads((out / "bench.json").read_text())
+    assert data["discache"] == {"quick": True, "groups": ["unmark"],
+                                "seconds": data["discache"]["seconds"]}
+    assert data["benchmarks"] and all(b["stats"]["rounds"] <= 30 for b in data["benchmarks"])
+    total = len(data["benchmarks"])
+    assert f"[{total:>3}/{total}]" in captured.err, "a progress line per benchmark"
+    md = (out / "report.md").read_text()
+    rows = rows_of(md, "unmark")
+    assert {(r[1], r[2]) for r in rows} == {(p, s) for p in ("0", "3") for s in ("token", "walk")}
+    assert all(len(r) == 3 + 5 + 1 and all(r[3:]) for r in rows), "every size measured"
+    assert "No cache benchmarks in this run (not run)" in md
+    assert (out / "unmark.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_report_script_prints_the_tables(tmp_path):
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps({"benchmarks": every_group()}))
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), str(src)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "| unmark | 0 | token | 50 ns (0.50x) |" in result.stdout
+    assert not list(tmp_path.glob("*.png"))
