@@ -72,6 +72,17 @@ def check_rules(*paths: str | os.PathLike) -> str:
     return output
 
 
+def check_metrics(exposition: bytes | str) -> str:
+    """`promtool check metrics` (format and naming lint): its output, or AssertionError with it."""
+    data = exposition.encode() if isinstance(exposition, str) else exposition
+    result = subprocess.run([PROMTOOL, "check", "metrics"], input=data, capture_output=True,
+                            timeout=60)
+    output = (result.stdout + result.stderr).decode()
+    if result.returncode != 0:
+        raise AssertionError(f"promtool check metrics failed (exit {result.returncode}):\n{output}")
+    return output
+
+
 class PrometheusServer:
     """One prometheus process with its own config and data directory under workdir."""
 
