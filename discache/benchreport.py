@@ -309,6 +309,14 @@ def seconds_label(seconds: float, _pos=None) -> str:
     return fmt_seconds(seconds).replace(".00 ", " ")
 
 
+BASELINE_LABELS = ("stdlib", "walk", "cachetools.LRUCache", "functools.lru_cache")
+
+
+def is_baseline(label: str) -> bool:
+    """Whether a plotted line is a baseline (drawn dashed): stdlib, v14's walk, the caches."""
+    return label.startswith(BASELINE_LABELS)
+
+
 def plot_group(path: Path, title: str, panels: dict[str, dict[str, Series]],
                xlabel: str = "range size (pages)") -> None:
     """One PNG: a log-log panel of cost against range size per entry, one line per series."""
@@ -328,7 +336,8 @@ def plot_group(path: Path, title: str, panels: dict[str, dict[str, Series]],
             sizes = sorted(by_size)
             all_sizes.update(sizes)
             costs += [by_size[s] for s in sizes]
-            ax.plot(sizes, [by_size[s] for s in sizes], marker="o", label=label)
+            ax.plot(sizes, [by_size[s] for s in sizes], marker="o", label=label,
+                    linestyle="--" if is_baseline(label) else "-")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         # ticks at the measured sizes only, written as plain numbers
