@@ -438,8 +438,11 @@ PROGRESS = re.compile(r"^(\S+::.+?)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\
 
 
 def run(bench_dir: Path, groups: Iterable[str], json_path: Path, quick: bool,
-        log: TextIO | None = None) -> int:
-    """Run pytest-benchmark on the groups' files, a progress line per benchmark; pytest's exit code."""
+        log: TextIO | None = None, keep_rounds: bool = False) -> int:
+    """Run pytest-benchmark on the groups' files, a progress line per benchmark; pytest's exit code.
+
+    The JSON gets a "discache" entry (quick, groups run, seconds) and, unless keep_rounds, loses
+    the time of every single round (stats.data: tens of MB), keeping the statistics."""
     log = log or sys.stderr
     files, found = bench_files(bench_dir, groups, log)
     if not files:
@@ -475,6 +478,9 @@ def run(bench_dir: Path, groups: Iterable[str], json_path: Path, quick: bool,
         data = load(json_path)
         data["discache"] = {"quick": quick, "groups": found,
                             "seconds": round(time.monotonic() - start, 1)}
+        if not keep_rounds:
+            for bench in data["benchmarks"]:
+                bench.get("stats", {}).pop("data", None)
         json_path.write_text(json.dumps(data, indent=1))
     return proc.returncode
 
@@ -508,7 +514,8 @@ def cmd_bench(args) -> int:
             json_path = Path(args.json) if args.json else out / "bench.json"
             json_path.parent.mkdir(parents=True, exist_ok=True)
             bench_dir = Path(args.bench_dir).resolve() if args.bench_dir else default_bench_dir()
-            rc = run(bench_dir, args.only, json_path.resolve(), args.quick)
+            rc = run(bench_dir, args.only, json_path.resolve(), args.quick,
+                     keep_rounds=args.keep_rounds)
             if not json_path.exists():
                 print(f"discache bench: pytest wrote no {json_path}; no report", file=sys.stderr)
                 return rc or 1
@@ -543,4 +550,6 @@ def add_parser(sub) -> None:
                    help="render the report of an existing pytest-benchmark JSON; run nothing")
     p.add_argument("--bench-dir", help="the directory of bench_*.py files (default: ./bench)")
     p.add_argument("--no-plots", action="store_true", help="write report.md only")
+    p.add_argument("--keep-rounds", action="store_true",
+                   help="keep every round's time in the JSON (stats.data; large)")
     p.set_defaults(func=cmd_bench)

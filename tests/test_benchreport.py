@@ -146,6 +146,7 @@ def test_quick_run_of_the_pagetable_benchmarks(tmp_path, capsys):
     assert data["discache"] == {"quick": True, "groups": ["unmark"],
                                 "seconds": data["discache"]["seconds"]}
     assert data["benchmarks"] and all(b["stats"]["rounds"] <= 30 for b in data["benchmarks"])
+    assert not any("data" in b["stats"] for b in data["benchmarks"]), "rounds dropped by default"
     total = len(data["benchmarks"])
     assert f"[{total:>3}/{total}]" in captured.err, "a progress line per benchmark"
     md = (out / "report.md").read_text()
@@ -164,3 +165,18 @@ def test_report_script_prints_the_tables(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "| unmark | 0 | token | 50 ns (0.50x) |" in result.stdout
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_keep_rounds_run_of_the_cache_baselines(tmp_path, capsys):
+    """A real run of bench/bench_cache.py that keeps every round's time in the JSON."""
+    out = tmp_path / "report"
+    rc = cli.main(["bench", "--only", "cache", "--quick", "--keep-rounds", "--out", str(out),
+                   "--bench-dir", str(ROOT / "bench")])
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads((out / "bench.json").read_text())
+    assert {b["extra_info"]["cache"] for b in data["benchmarks"]} == {
+        "cachetools.LRUCache", "functools.lru_cache"}
+    assert all(len(b["stats"]["data"]) == b["stats"]["rounds"] for b in data["benchmarks"])
+    md = (out / "report.md").read_text()
+    assert len(rows_of(md, "cache hit")) == 2
+    assert "No unmark benchmarks in this run (not run)" in md
