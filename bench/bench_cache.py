@@ -3,7 +3,8 @@
 Run: python -m pytest bench/bench_cache.py
 extra_info: op="cache hit", cache=<implementation>, pages=<value size in pages>; `discache bench`
 puts every `cache` in one table, with the ratio to cachetools.LRUCache at the same pages. A
-DiscardableCache benchmark joins the table by using the same keys (cache="discache.DiscardableCache").
+DiscardableCache benchmark joins the table with the same keys
+(cache="discache.DiscardableCache").
 """
 from __future__ import annotations
 

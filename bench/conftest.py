@@ -18,7 +18,7 @@ def quick_rounds(rounds: int) -> int:
 
 @pytest.fixture
 def benchmark(benchmark):
-    """pytest-benchmark's fixture, whose pedantic() honours quick mode (so every bench file does)."""
+    """pytest-benchmark's fixture with a pedantic() that honours quick mode, for every file."""
     pedantic = benchmark.pedantic
 
     def capped(target, args=(), kwargs=None, setup=None, rounds=1, warmup_rounds=0,

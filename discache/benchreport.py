@@ -124,7 +124,7 @@ def fmt_value(value) -> str:
 
 def size_table(headers: list[str], rows: dict[tuple, dict[int, float]],
                baseline: Callable[[tuple], tuple | None], flatness: bool = False) -> list[str]:
-    """Cost by pages per row; a cell is 'cost (ratio)' when the row has a baseline row at that size."""
+    """Cost by pages per row; a cell reads 'cost (ratio)' where the row's baseline has that size."""
     sizes = sorted({p for by_size in rows.values() for p in by_size})
     head = headers + [pages_header(s) for s in sizes] + (["largest / smallest"] if flatness else [])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -381,7 +381,7 @@ def machine_line(data: dict) -> str:
 
 
 def write_report(data: dict, out_dir: str | os.PathLike, plots: bool = True) -> Path:
-    """report.md and one PNG per group with sizes into out_dir; groups without benchmarks get a line."""
+    """report.md and a PNG per group into out_dir; a group without benchmarks gets a line."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     groups = split(data["benchmarks"])
@@ -420,7 +420,7 @@ def render(data: dict) -> str:
 
 def bench_files(bench_dir: Path, groups: Iterable[str],
                 log: TextIO | None = None) -> tuple[list[Path], list[str]]:
-    """The files to run for the groups, and the groups that have them; missing files are reported."""
+    """The files to run for the groups, and the groups that have them; missing files are said."""
     log = log or sys.stderr
     files, found = [], []
     for group in groups:
@@ -434,7 +434,8 @@ def bench_files(bench_dir: Path, groups: Iterable[str],
     return files, found
 
 
-PROGRESS = re.compile(r"^(\S+::.+?)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+\[\s*(\d+)/(\d+)\]")
+PROGRESS = re.compile(
+    r"^(\S+::.+?)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+\[\s*(\d+)/(\d+)\]")
 
 
 def run(bench_dir: Path, groups: Iterable[str], json_path: Path, quick: bool,
@@ -472,7 +473,8 @@ def run(bench_dir: Path, groups: Iterable[str], json_path: Path, quick: bool,
                 print(f"  [{done:>3}/{total}] {time.monotonic() - start:6.1f}s {outcome:<7} {node}",
                       file=log, flush=True)
     if proc.returncode != 0:
-        print("discache bench: pytest failed (exit %d); its last lines:" % proc.returncode, file=log)
+        print(f"discache bench: pytest failed (exit {proc.returncode}); its last lines:",
+              file=log)
         print("\n".join(tail), file=log)
     if json_path.exists():
         data = load(json_path)
@@ -545,7 +547,8 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="few rounds (pedantic rounds capped, short calibration): minutes, not more")
     p.add_argument("--out", default="bench-report", help="report directory (default: bench-report)")
-    p.add_argument("--json", help="where pytest-benchmark writes its JSON (default: OUT/bench.json)")
+    p.add_argument("--json",
+                   help="where pytest-benchmark writes its JSON (default: OUT/bench.json)")
     p.add_argument("--from-json", metavar="FILE",
                    help="render the report of an existing pytest-benchmark JSON; run nothing")
     p.add_argument("--bench-dir", help="the directory of bench_*.py files (default: ./bench)")

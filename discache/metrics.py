@@ -16,12 +16,14 @@ all optional (a missing key exports no series for that object; unknown keys are 
 | `misses` | int | `discache_cache_misses_total` (counter) |
 | `regenerations` | int | `discache_regenerations_total` (counter) |
 | `pressure_events` | {level: int} | `discache_memory_pressure_events_total{level}` (counter) |
-| `durations` | {"lock"/"unlock": LatencyHistogram.snapshot()} | `discache_operation_duration_seconds{op}` (histogram) |
+| `durations` | {"lock"/"unlock": histogram snapshot} | `discache_operation_duration_seconds{op}` |
 
 Counters are totals since the object was created and never go down. `locks` always exports the
 three results (0 when absent) so that ratios in alerting rules exist from the first scrape; likewise
-`pressure_events` exports both levels of discache.pressure. An object records durations with a
+`pressure_events` exports both levels of discache.pressure. A histogram snapshot is
+`LatencyHistogram.snapshot()`; the series is a histogram. An object records durations with a
 `LatencyHistogram`; `DiscacheCollector(latency=False)` leaves the histogram out of the export.
+An exception from metrics_snapshot() fails the scrape (a broken source is not hidden).
 """
 from __future__ import annotations
 
@@ -52,7 +54,8 @@ COUNTERS = (
     ("purged_bytes", "discache_purged_bytes", "Bytes purged while unlocked."),
     ("hits", "discache_cache_hits", "Cache lookups that found an intact entry."),
     ("misses", "discache_cache_misses", "Cache lookups that found no entry or a purged one."),
-    ("regenerations", "discache_regenerations", "Entries regenerated after their memory was purged."),
+    ("regenerations", "discache_regenerations",
+     "Entries regenerated after their memory was purged."),
 )
 LABELLED_COUNTERS = (
     ("locks", "discache_locks", "Lock attempts by result.", "result", LOCK_RESULTS),
@@ -70,7 +73,7 @@ class MetricsSource(Protocol):
 
 
 class LatencyHistogram:
-    """Cumulative-bucket histogram of durations in seconds, cheap to observe, safe across threads."""
+    """Cumulative-bucket histogram of durations in seconds: cheap to observe, thread-safe."""
 
     def __init__(self, buckets: tuple[float, ...] = DEFAULT_BUCKETS):
         if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] <= 0:

@@ -32,7 +32,7 @@ def prometheus(tmp_path):
 
 @pytest.fixture
 def metrics_endpoint():
-    """serve(registry) -> 'host:port' of a /metrics HTTP server on 127.0.0.1, shut down at the end."""
+    """serve(registry) -> 'host:port' of a /metrics server on 127.0.0.1, shut down at the end."""
     servers = []
 
     def serve(registry):

@@ -1,4 +1,4 @@
-"""A real Prometheus server for tests: scrape config, start on 127.0.0.1, wait for scrapes, query."""
+"""A real Prometheus for tests: scrape config, run on 127.0.0.1, wait for scrapes, query."""
 from __future__ import annotations
 
 import json

@@ -14,7 +14,7 @@ from prometheus_server import check_metrics, require
 
 
 def scripted_cache() -> PageTableCache:
-    """3 entries of capacity; a, b, c made; a hit; pressure purges all; b regenerated; d evicts a."""
+    """Room for 3; a, b, c made; a hit; pressure purges all; b made again; d evicts a."""
     cache = PageTableCache(3)
     for key in "abc":
         cache.get(key, str.upper)
@@ -158,3 +158,15 @@ def test_a_real_prometheus_scrapes_the_collector(registry, prometheus, metrics_e
         'discache_memory_pressure_events_total{name="images",level="critical"}', expect=1.0) == 1
     # b (made again) is purged; c was purged already; d is locked
     assert server.query('discache_purged_bytes_total{name="images"}') == 4 * PAGE
+
+
+class BrokenSource:
+    def metrics_snapshot(self):
+        raise RuntimeError("snapshot failed")
+
+
+def test_a_failing_snapshot_fails_the_scrape(registry):
+    source = BrokenSource()
+    DiscacheCollector(registry).watch(source, "broken")
+    with pytest.raises(RuntimeError, match="snapshot failed"):
+        generate_latest(registry)
