@@ -180,3 +180,28 @@ def test_keep_rounds_run_of_the_cache_baselines(tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert len(rows_of(md, "cache hit")) == 2
     assert "No unmark benchmarks in this run (not run)" in md
+
+
+FAILING_BENCH = '''
+def bench_fine(benchmark):
+    benchmark.extra_info.update(op="cache hit", cache="dict", pages=1)
+    benchmark({1: 2}.get, 1)
+
+
+def bench_broken(benchmark):
+    benchmark(sum, [1])
+    raise AssertionError("this benchmark's check fails")
+'''
+
+
+def test_a_failing_benchmark_fails_the_command_but_not_the_report(tmp_path, capsys):
+    bench_dir = tmp_path / "bench"
+    bench_dir.mkdir()
+    (bench_dir / "bench_cache.py").write_text(FAILING_BENCH)
+    rc = cli.main(["bench", "--only", "cache", "--quick", "--bench-dir", str(bench_dir),
+                   "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "FAILED" in err and "this benchmark's check fails" in err
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert rows_of(md, "cache hit")[0][:2] == ["cache hit", "dict"]

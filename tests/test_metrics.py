@@ -156,6 +156,10 @@ def test_a_real_prometheus_scrapes_the_collector(registry, prometheus, metrics_e
     cache.on_pressure("critical")
     assert server.wait_for_value(
         'discache_memory_pressure_events_total{name="images",level="critical"}', expect=1.0) == 1
+    # the histogram is one Prometheus understands (any value lies within the bucket bounds)
+    median = server.query('histogram_quantile(0.5, '
+                          'discache_operation_duration_seconds_bucket{name="images",op="unlock"})')
+    assert 0 < median <= metrics.DEFAULT_BUCKETS[-1]
     # b (made again) is purged; c was purged already; d is locked
     assert server.query('discache_purged_bytes_total{name="images"}') == 4 * PAGE
 
