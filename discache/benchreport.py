@@ -61,7 +61,7 @@ def group_of(bench: Bench) -> str:
         return "cache"
     if "backend" in info:
         return "roundtrip"
-    if op in PAGETABLE_OPS and "strategy" in info:
+    if op in PAGETABLE_OPS and "strategy" in info and "pages" in info:
         return "unmark"
     if op in SIM_OPS or op.startswith("MADV_FREE") or "design" in info:
         return "sim"
@@ -227,6 +227,9 @@ def sim_section(benches: list[Bench]) -> tuple[list[str], dict[str, dict[str, Se
     for b in benches:
         info = b["extra_info"]
         op = str(info.get("op", ""))
+        if "pages" not in info:
+            rest.append(b)
+            continue
         if op == "MADV_NONVOLATILE" or op.startswith("MADV_FREE lock"):
             key = ("unmark", info.get("strategy", "?"))
         elif op == "mark":

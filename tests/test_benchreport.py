@@ -45,6 +45,8 @@ def every_group() -> list[dict]:
                          pte_visits=0))
     benches.append(entry("fault", 2e-3, op="fault in", pages=65536))
     benches.append(entry("mystery", 3e-3, op="something new"))
+    benches.append(entry("sizeless", 1e-3, op="unmark", strategy="token"))  # no pages: "other"
+    benches.append(entry("sim-sizeless", 1e-3, op="mark", design="madv_free"))  # throughput row
     return benches
 
 
@@ -74,6 +76,8 @@ def test_every_group_gets_its_table_ratios_and_plot(tmp_path):
     assert ["unmark", "token", "1.00 us (0.25x)"] in rows_of(md, "unmark")
     assert "| fault in | pages=65536 | 2.00 ms | 32.77 Mpage/s |" in md
     assert "| bench/x.py::mystery | op=something new | 3.00 ms |" in md
+    assert "| bench/x.py::sizeless | op=unmark, strategy=token | 1.00 ms |" in md
+    assert "| mark | design=madv_free | 1.00 ms | 1.00 krun/s |" in md
     for png in ("unmark.png", "roundtrip.png", "cache.png", "sim.png"):
         assert f"]({png})" in md
         data = (tmp_path / png).read_bytes()
