@@ -136,13 +136,14 @@ def size_table(headers: list[str], rows: dict[tuple, dict[int, float]],
         for s in sizes:
             if s not in by_size:
                 cells.append("")
-            elif s in base_sizes:
+            elif base_sizes.get(s):  # a zero baseline (clock granularity) has no ratio
                 cells.append(f"{fmt_seconds(by_size[s])} ({fmt_ratio(by_size[s] / base_sizes[s])})")
             else:
                 cells.append(fmt_seconds(by_size[s]))
         if flatness:
             own = sorted(by_size)
-            cells.append(fmt_ratio(by_size[own[-1]] / by_size[own[0]]) if len(own) > 1 else "")
+            cells.append(fmt_ratio(by_size[own[-1]] / by_size[own[0]])
+                         if len(own) > 1 and by_size[own[0]] else "")
         out.append("| " + " | ".join([*map(str, key), *cells]) + " |")
     return out
 
@@ -157,13 +158,16 @@ def unmark_section(benches: list[Bench]) -> tuple[list[str], dict[str, dict[str,
             pairs[info["strategy"]] = info.get("pairs", 1) / median(b)
         else:
             rows[(info["op"], info.get("purged", 0), info["strategy"])][info["pages"]] = median(b)
-    out = ["Median cost of one call from Python, by range size. In parentheses: the ratio to the "
-           "`walk` strategy (v14's O(N) unmark) for the same op, purges and size; "
-           "last column: the cost at the largest range over the cost at the smallest.", ""]
-    out += size_table(["op", "purged", "strategy"], rows,
-                      lambda k: (k[0], k[1], "walk") if k[2] != "walk" else None, flatness=True)
+    out: list[str] = []
+    if rows:
+        out += ["Median cost of one call from Python, by range size. In parentheses: the ratio to "
+                "the `walk` strategy (v14's O(N) unmark) for the same op, purges and size; "
+                "last column: the cost at the largest range over the cost at the smallest.", ""]
+        out += size_table(["op", "purged", "strategy"], rows,
+                          lambda k: (k[0], k[1], "walk") if k[2] != "walk" else None,
+                          flatness=True)
     if pairs:
-        out += ["", "| strategy | 1-page mark+unmark pairs per second |", "|---|---|"]
+        out += ([""] if out else []) + ["| strategy | 1-page mark+unmark pairs per second |", "|---|---|"]
         out += [f"| {s} | {fmt_rate(rate, 'pair')} |" for s, rate in sorted(pairs.items())]
     panels: dict[str, dict[str, Series]] = defaultdict(dict)
     for (op, purged, strategy), by_size in rows.items():
@@ -261,14 +265,17 @@ def sim_section(benches: list[Bench]) -> tuple[list[str], dict[str, dict[str, Se
                            + " | ".join(f"{visits[key][s]:g}" if s in visits[key] else ""
                                         for s in sizes) + " |")
     if rest:
-        out += ["" if out else "", "Throughput of whole simulated runs (median of the rounds):", "",
+        out += [""] if out else []
+        out += ["Throughput of whole simulated runs (median of the rounds):", "",
                 "| run | parameters | median | throughput |", "|---|---|---|---|"]
         for b in sorted(rest, key=lambda b: (str(b["extra_info"].get("op", "")), b["name"])):
             info = dict(b["extra_info"])
             run = info.pop("op", None) or b.get("group") or b["name"]
             params = ", ".join(f"{k}={fmt_value(v)}" for k, v in sorted(info.items()))
             t = median(b)
-            if "ops" in info:
+            if t <= 0:
+                rate = ""
+            elif "ops" in info:
                 rate = fmt_rate(info["ops"] / t, "op")
             elif "pages" in info:
                 rate = fmt_rate(info["pages"] / t, "page")
@@ -335,7 +342,7 @@ def plot_group(path: Path, title: str, panels: dict[str, dict[str, Series]],
         all_sizes: set[int] = set()
         costs: list[float] = []
         for label in sorted(panels[name]):
-            by_size = panels[name][label]
+            by_size = {p: t for p, t in panels[name][label].items() if t > 0}  # log axes
             sizes = sorted(by_size)
             all_sizes.update(sizes)
             costs += [by_size[s] for s in sizes]
@@ -348,7 +355,7 @@ def plot_group(path: Path, title: str, panels: dict[str, dict[str, Series]],
         ax.xaxis.set_minor_locator(NullLocator())
         ax.yaxis.set_major_formatter(FuncFormatter(seconds_label))
         # under one decade there may be no major tick: label the minor ones instead
-        narrow = max(costs) / min(costs) < 10
+        narrow = bool(costs) and max(costs) / min(costs) < 10
         if narrow:  # at least a decade, so that noise does not look like a trend
             middle = (max(costs) * min(costs)) ** 0.5
             ax.set_ylim(middle / 10 ** 0.5, middle * 10 ** 0.5)

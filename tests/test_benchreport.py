@@ -209,3 +209,16 @@ def test_a_failing_benchmark_fails_the_command_but_not_the_report(tmp_path, caps
     assert "FAILED" in err and "this benchmark's check fails" in err
     md = (tmp_path / "r" / "report.md").read_text()
     assert rows_of(md, "cache hit")[0][:2] == ["cache hit", "dict"]
+
+
+def test_zero_medians_and_a_pairs_only_group_do_not_break_the_report(tmp_path):
+    benches = [entry("pairs", 1e-3, op="mark+unmark", strategy="token", pages=1, pairs=10),
+               entry("zero", 0.0, op="cache hit", cache="cachetools.LRUCache", pages=1),
+               entry("hit", 1e-7, op="cache hit", cache="x", pages=1),
+               entry("fork", 0.0, op="fork+exit", pages=64)]
+    md = benchreport.write_report({"benchmarks": benches}, tmp_path).read_text()
+    assert "| token | 10.00 kpair/s |" in md
+    assert rows_of(md, "cache hit") == [["cache hit", "cachetools.LRUCache", "0 ns"],
+                                        ["cache hit", "x", "100 ns"]]
+    assert "| fork+exit | pages=64 | 0 ns |  |" in md
+    assert (tmp_path / "cache.png").exists() and not (tmp_path / "unmark.png").exists()
