@@ -72,6 +72,16 @@ def check_rules(*paths: str | os.PathLike) -> str:
     return output
 
 
+def rule_unit_tests(*paths: str | os.PathLike) -> str:
+    """`promtool test rules` on unit-test files: its output, or AssertionError with it."""
+    result = subprocess.run([PROMTOOL, "test", "rules", *map(str, paths)], capture_output=True,
+                            text=True, timeout=120)
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        raise AssertionError(f"promtool test rules failed (exit {result.returncode}):\n{output}")
+    return output
+
+
 def check_metrics(exposition: bytes | str) -> str:
     """`promtool check metrics` (format and naming lint): its output, or AssertionError with it."""
     data = exposition.encode() if isinstance(exposition, str) else exposition
@@ -188,6 +198,20 @@ class PrometheusServer:
             return None
         values = {tuple(sorted(s["metric"].items())): float(s["value"][1]) for s in result}
         return next(iter(values.values())) if len(values) == 1 else values
+
+    def wait_for_rules(self, timeout: float = 30) -> list[dict]:
+        """The rule groups, once every rule has been evaluated without error."""
+        deadline = time.monotonic() + timeout
+        groups: list[dict] = []
+        while time.monotonic() < deadline:
+            groups = self.api("rules")["groups"]
+            health = {r["health"] for g in groups for r in g["rules"]}
+            if "err" in health:
+                raise PrometheusError(f"a rule fails: {groups}")
+            if groups and health == {"ok"}:
+                return groups
+            time.sleep(0.2)
+        raise PrometheusError(f"rules not evaluated within {timeout}s: {groups}")
 
     def wait_for_value(self, promql: str, expect: float | None = None,
                        timeout: float = 30) -> float | dict[tuple, float]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import math
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
@@ -11,6 +12,9 @@ from discache import metrics
 from discache.metrics import DiscacheCollector, LatencyHistogram
 from pagetable_cache import PAGE, PageTableCache
 from prometheus_server import check_metrics, require
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "integrations" / "prometheus" / "discache-rules.yml"
 
 
 def scripted_cache() -> PageTableCache:
@@ -146,8 +150,10 @@ def test_a_real_prometheus_scrapes_the_collector(registry, prometheus, metrics_e
     collector = DiscacheCollector(registry)
     cache = scripted_cache()
     collector.watch(cache, "images")
-    server = prometheus([metrics_endpoint(registry)])
+    server = prometheus([metrics_endpoint(registry)], rule_files=[RULES])
     server.wait_for_scrape()
+    # the shipped rules evaluate without error against the real series
+    assert [g["name"] for g in server.wait_for_rules()] == ["discache"]
     exposed = [(s.name, s.labels, s.value) for m in registry.collect() for s in m.samples]
     assert len(exposed) > 30
     for name, labels, expected in exposed:
