@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -160,8 +161,11 @@ class PrometheusServer:
     def api(self, path: str, **params: str) -> dict | list:
         """The data of a successful /api/v1 answer."""
         query = urllib.parse.urlencode(params)
-        with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=10) as r:
-            body = json.load(r)
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=10) as r:
+                body = json.load(r)
+        except urllib.error.HTTPError as e:  # a bad query: Prometheus says why in the body
+            raise PrometheusError(f"/api/v1/{path} {params}: {e.code} {e.read().decode()}") from e
         if body.get("status") != "success":
             raise PrometheusError(f"/api/v1/{path} {params}: {body}")
         return body["data"]

@@ -12,6 +12,7 @@ from discache import metrics
 from discache.metrics import DiscacheCollector, LatencyHistogram
 from pagetable_cache import PAGE, PageTableCache
 from prometheus_server import check_metrics, require
+from test_rules import dashboard_queries
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "integrations" / "prometheus" / "discache-rules.yml"
@@ -159,6 +160,10 @@ def test_a_real_prometheus_scrapes_the_collector(registry, prometheus, metrics_e
     for name, labels, expected in exposed:
         inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
         assert server.wait_for_value(f"{name}{{{inner}}}") == expected, (name, labels)
+    # every dashboard query is valid PromQL here; the first one shows the cache's bytes
+    for expr in dashboard_queries():
+        server.api("query", query=expr)
+    assert server.query(dashboard_queries()[0]) == 3 * PAGE
     cache.on_pressure("critical")
     assert server.wait_for_value(
         'discache_memory_pressure_events_total{name="images",level="critical"}', expect=1.0) == 1
