@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,25 @@ def test_latency_histogram_buckets_include_their_upper_bound():
     for bad in ((), (1e-3, 1e-6), (0.0, 1.0), (1e-3, 1e-3)):
         with pytest.raises(ValueError):
             LatencyHistogram(bad)
+
+
+def test_latency_histogram_loses_no_observation_across_threads():
+    h = LatencyHistogram()
+    per_thread = 20_000
+
+    def observe():
+        for _ in range(per_thread):
+            h.observe(1e-6)
+
+    threads = [threading.Thread(target=observe) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    snap = h.snapshot()
+    assert snap["buckets"][-1] == (math.inf, 4 * per_thread)
+    assert dict(snap["buckets"])[1e-6] == 4 * per_thread
+    assert snap["sum"] == pytest.approx(4 * per_thread * 1e-6)
 
 
 def test_objects_are_held_weakly(registry):
