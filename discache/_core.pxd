@@ -1,3 +1,4 @@
 # Declarations of the compiled core; one .pxd per cdef class, included here.
 include "_pagetable.pxd"
 include "_kernel.pxd"
+include "_madvfree.pxd"

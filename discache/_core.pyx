@@ -3,3 +3,4 @@
 
 include "_pagetable.pyx"
 include "_kernel.pyx"
+include "_madvfree.pyx"
