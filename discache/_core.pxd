@@ -2,3 +2,4 @@
 include "_pagetable.pxd"
 include "_kernel.pxd"
 include "_madvfree.pxd"
+include "_sharedmem.pxd"

@@ -4,3 +4,4 @@
 include "_pagetable.pyx"
 include "_kernel.pyx"
 include "_madvfree.pyx"
+include "_sharedmem.pyx"

@@ -312,6 +312,12 @@ cdef class MadvFreeMemory:
             raise _oserror(errno, "madvise(MADV_DONTNEED)")
         return self.npages
 
+    def _cold(self) -> None:
+        """madvise(MADV_COLD) from the calling CPU, if unlocked: drains its per-CPU LRU batches."""
+        self._check_open()
+        if not self.locked and madvise(self.base, self.mapped, MADV_COLD) != 0:
+            raise _oserror(errno, "madvise(MADV_COLD)")
+
     def _pageout(self) -> None:
         """madvise(MADV_PAGEOUT) from the calling CPU, if unlocked."""
         self._check_open()
@@ -340,6 +346,10 @@ cdef class MadvFreeMemory:
         self._check_open()
         if self.locked:
             return 0
+        # Measured on 6.18: a MADV_PAGEOUT issued while another CPU's LRU batch still holds a
+        # freed page does not discard it and even cancels its lazy free.  So first drain the
+        # batches of every CPU (MADV_COLD drains the local ones), then page out from each CPU.
+        on_every_cpu(self._cold)
         on_every_cpu(self._pageout)
         return self.npages - self._resident_pages()
 
