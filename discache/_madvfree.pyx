@@ -312,16 +312,16 @@ cdef class MadvFreeMemory:
             raise _oserror(errno, "madvise(MADV_DONTNEED)")
         return self.npages
 
-    def _cold(self) -> None:
+    def _cold(self, bint even_locked=False) -> None:
         """madvise(MADV_COLD) from the calling CPU, if unlocked: drains its per-CPU LRU batches."""
         self._check_open()
-        if not self.locked and madvise(self.base, self.mapped, MADV_COLD) != 0:
+        if (even_locked or not self.locked) and madvise(self.base, self.mapped, MADV_COLD) != 0:
             raise _oserror(errno, "madvise(MADV_COLD)")
 
-    def _pageout(self) -> None:
-        """madvise(MADV_PAGEOUT) from the calling CPU, if unlocked."""
+    def _pageout(self, bint even_locked=False) -> None:
+        """madvise(MADV_PAGEOUT) from the calling CPU, if unlocked (tests may force it)."""
         self._check_open()
-        if not self.locked and madvise(self.base, self.mapped, MADV_PAGEOUT) != 0:
+        if (even_locked or not self.locked) and madvise(self.base, self.mapped, MADV_PAGEOUT) != 0:
             raise _oserror(errno, "madvise(MADV_PAGEOUT)")
 
     def _resident_pages(self) -> int:

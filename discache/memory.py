@@ -136,7 +136,9 @@ class MemfdMemory(DiscardableMemory):
 
     def unlock(self) -> None:
         """Unlock: a purge (release_free_memory, force_reclaim) may now free the pages."""
-        self._check_locked()
+        self._check_open()
+        if not self._locked:
+            raise RuntimeError("discardable memory is not locked")
         self._release_views()
         self._shm.unlock()
         self._locked = False
