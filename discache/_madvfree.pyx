@@ -223,9 +223,13 @@ cdef class MadvFreeMemory:
         if offset < 0 or size < 0 or offset > self.nbytes or size > self.nbytes - offset:
             raise ValueError(f"range [{offset}, {offset}+{size}) is outside the "
                              f"{self.nbytes} bytes of the memory")
-        if not self.locked and not self.sigbus:
-            raise RuntimeError("discardable memory is unlocked: lock() it first (only the "
-                               "madvfree-sigbus backend reads and writes unlocked memory)")
+        if not self.locked:
+            if not self.sigbus:
+                raise RuntimeError("discardable memory is unlocked: lock() it first (only the "
+                                   "madvfree-sigbus backend reads and writes unlocked memory)")
+            # Someone (faulthandler.enable()) may have put another SIGBUS handler over ours.
+            if not dc_sigbus_handler_installed() and dc_install_sigbus_handler() != 0:
+                raise _oserror(errno, "cannot reinstall the SIGBUS handler")
         return 0
 
     cdef int _raise_purged(self, size_t address) except -1:
