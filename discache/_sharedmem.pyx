@@ -66,7 +66,7 @@ cdef class DiscardableSharedMemory:
         cdef int own
         cdef int raw = _operator.index(fd)
         if raw < 0:
-            raise ValueError(f"fd must be an open file descriptor, got {fd}")
+            raise ValueError(f"fd {fd} is not an open file descriptor")
         own = dup(raw)
         if own < 0:
             raise ValueError(f"fd {raw} is not an open file descriptor: {_os.strerror(errno)}")
