@@ -14,6 +14,7 @@ cdef class MadvFreeMemory:
     cdef bint closed_
     cdef readonly bint sigbus
     cdef int uffd                   # userfaultfd in SIGBUS mode, else -1
+    cdef bint uffd_lost             # a forked child could not register the mapping again
     cdef Py_ssize_t exports         # live buffer exports of the mapping
     cdef object view                # the memoryview handed out by .data during this lock
     cdef object __weakref__
@@ -22,3 +23,5 @@ cdef class MadvFreeMemory:
     cdef int _release_views(self) except -1
     cdef int _check_access(self, Py_ssize_t offset, Py_ssize_t size) except -1
     cdef int _raise_purged(self, size_t address) except -1
+    cdef int _register(self) except -1
+    cdef void _after_fork(self) noexcept

@@ -11,10 +11,24 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memmove, memset
 
+import weakref as _weakref
+
 from discache.errors import PurgedError, PurgedPageError
 
 # Page loops over at least this many pages run without the GIL.
 cdef Py_ssize_t MADVFREE_NOGIL_PAGES = 2048
+
+# SIGBUS-mode memories of this process: a forked child must register them with its own
+# userfaultfd, since fork() drops the registration (no UFFD_FEATURE_EVENT_FORK).
+_SIGBUS_MEMORIES = _weakref.WeakSet()
+
+
+def _register_sigbus_memories_after_fork() -> None:
+    for mem in list(_SIGBUS_MEMORIES):
+        (<MadvFreeMemory>mem)._after_fork()
+
+
+_os.register_at_fork(after_in_child=_register_sigbus_memories_after_fork)
 
 
 cdef class MadvFreeMemory:
@@ -50,11 +64,32 @@ cdef class MadvFreeMemory:
         # A page never touched is missing too: it would fault on first use.
         for i in range(self.npages):
             self.base[i * self.page] = 0
+        self._register()
+        _SIGBUS_MEMORIES.add(self)
+
+    cdef int _register(self) except -1:
         self.uffd = dc_uffd_open_sigbus()
         if self.uffd < 0:
             raise _oserror(errno, "userfaultfd with UFFD_FEATURE_SIGBUS")
         if dc_uffd_register_missing(self.uffd, self.base, self.mapped) != 0:
             raise _oserror(errno, "UFFDIO_REGISTER in missing mode")
+        return 0
+
+    cdef void _after_fork(self) noexcept:
+        if self.closed_ or self.base == NULL:
+            return
+        if self.uffd >= 0:
+            close(self.uffd)  # the parent's; the parent keeps its own reference
+            self.uffd = -1
+        try:
+            self._register()
+        except OSError:
+            # Without the registration a discarded page would read as zeros: from now on this
+            # child reports every page purged at lock() and refuses unlocked access.
+            if self.uffd >= 0:
+                close(self.uffd)
+                self.uffd = -1
+            self.uffd_lost = True
 
     def __dealloc__(self):
         if self.base != NULL:
@@ -114,7 +149,11 @@ cdef class MadvFreeMemory:
         self._check_open()
         if self.locked:
             raise RuntimeError("discardable memory is already locked (locks do not nest)")
-        if self.sigbus:
+        if self.sigbus and self.uffd_lost:
+            # Pages fault in as zeros now; which ones the kernel discarded cannot be known.
+            dc_sigbus_lock(self.base, self.npages, self.page, -1)
+            purged = self.npages
+        elif self.sigbus:
             if self.npages >= MADVFREE_NOGIL_PAGES:
                 self.busy = True
                 with nogil:
@@ -227,6 +266,9 @@ cdef class MadvFreeMemory:
             if not self.sigbus:
                 raise RuntimeError("discardable memory is unlocked: lock() it first (only the "
                                    "madvfree-sigbus backend reads and writes unlocked memory)")
+            if self.uffd_lost:
+                raise RuntimeError("this forked child could not register the memory with a "
+                                   "userfaultfd: lock() it first")
             # Someone (faulthandler.enable()) may have put another SIGBUS handler over ours.
             if not dc_sigbus_handler_installed() and dc_install_sigbus_handler() != 0:
                 raise _oserror(errno, "cannot reinstall the SIGBUS handler")

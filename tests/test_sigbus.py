@@ -179,3 +179,32 @@ def test_handler_is_reinstalled_after_faulthandler_takes_sigbus_back():
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "caught\n"
+
+
+def test_a_forked_child_keeps_sigbus_mode(mem):
+    # fork() drops the userfaultfd registration; the child registers the mapping again.
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only, never return into pytest
+        code = 1
+        try:
+            assert mem.read(0, 4) == bytes(range(4))
+            # Pages shared with the parent are not paged out; make them the child's own first.
+            assert mem.lock() is True
+            mem.data[:] = b"child" * (mem.nbytes // 5) + b"c" * (mem.nbytes % 5)
+            mem.unlock()
+            assert discache.force_reclaim(mem) == mem.npages
+            try:
+                mem.read(0, 1)
+            except discache.PurgedPageError:
+                code = 0 if mem.lock() is False and mem.purged_pages == mem.npages else 3
+            else:
+                code = 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's registration is untouched: its pages are still there, and still guarded.
+    assert mem.read(0, 4) == bytes(range(4))
+    purge(mem)
+    with pytest.raises(discache.PurgedPageError):
+        mem.read(0, 1)
