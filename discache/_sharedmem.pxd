@@ -13,6 +13,7 @@ cdef class DiscardableSharedMemory:
     cdef Py_ssize_t locked_pages    # how many pages this instance holds locked
     cdef uint64_t last_usage        # microseconds; 0 is Chromium's null time
     cdef Py_ssize_t exports
+    cdef bint busy                  # a punch-hole runs without the GIL; close() must wait
     cdef object __weakref__
 
     cdef int _map(self, int fd, Py_ssize_t nbytes, bint create) except -1

@@ -133,6 +133,8 @@ cdef class DiscardableSharedMemory:
     cdef int _check_open(self) except -1:
         if self.base == NULL:
             raise ValueError("shared memory is closed")
+        if self.busy:
+            raise RuntimeError("shared memory is being purged by another thread")
         return 0
 
     cdef int _check_range(self, object offset, object length,
@@ -213,9 +215,11 @@ cdef class DiscardableSharedMemory:
 
     cdef int _punch(self) except -1:
         cdef int rc
+        self.busy = True
         with nogil:
             rc = fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                            self.page, self.npages * self.page)
+        self.busy = False
         if rc != 0:
             raise _oserror(errno, "fallocate(PUNCH_HOLE) on the memfd")
         return 0
@@ -282,6 +286,7 @@ cdef class DiscardableSharedMemory:
         """Unmap and close this instance's fd; other processes keep the segment."""
         if self.base == NULL:
             return
+        self._check_open()
         if self.exports:
             raise BufferError(f"{self.exports} buffer(s) of the data are still alive; "
                               "release them first")

@@ -83,10 +83,9 @@ def test_locked_memory_is_never_reclaimed(make):
     assert bytes(mem.data) == pattern
 
 
-def test_madvfree_locked_pages_survive_pageout_from_every_cpu(backend):
-    if not backend.startswith("madvfree"):
-        pytest.skip("only madvfree pages are paged out by the kernel")
-    mem = discache.allocate(16 * PAGE, backend)
+@pytest.mark.parametrize("name", [p for p in _backend_params() if "madvfree" in p.values[0]])
+def test_madvfree_locked_pages_survive_pageout_from_every_cpu(name):
+    mem = discache.allocate(16 * PAGE, name)
     try:
         pattern = fill(mem)
         mem.unlock()
@@ -94,6 +93,7 @@ def test_madvfree_locked_pages_survive_pageout_from_every_cpu(backend):
         # Locked pages are dirty again: even a forced MADV_PAGEOUT cannot drop them.
         _core.on_every_cpu(lambda: mem._cold(True))
         _core.on_every_cpu(lambda: mem._pageout(True))
+        assert mem._resident_pages() == 16
         assert bytes(mem.data) == pattern
         mem.unlock()
         assert mem.lock() is True

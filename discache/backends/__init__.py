@@ -85,7 +85,12 @@ def _cached(probe: Callable[[], tuple[bool, str]]) -> Callable[[], tuple[bool, s
     return cached
 
 
-_probe_madvfree = _cached(lambda: _core.probe_madvise(_core.MADV_FREE_VALUE))
+def _probe_madv_free() -> tuple[bool, str]:
+    ok, reason = _core.probe_madvise(_core.MADV_FREE_VALUE)
+    return ok, "madvise(MADV_FREE) works on private anonymous memory" if ok else reason
+
+
+_probe_madvfree = _cached(_probe_madv_free)
 _probe_uffd = _cached(_core.probe_userfaultfd_sigbus)
 
 
