@@ -358,17 +358,23 @@ cdef class MadvFreeMemory:
             raise _oserror(errno, "madvise(MADV_DONTNEED)")
         return self.npages
 
-    def _cold(self, bint even_locked=False) -> None:
+    def _cold(self, bint even_locked=False, Py_ssize_t first=0, Py_ssize_t count=-1) -> None:
         """madvise(MADV_COLD) from the calling CPU, if unlocked: drains its per-CPU LRU batches."""
-        self._check_open()
-        if (even_locked or not self.locked) and madvise(self.base, self.mapped, MADV_COLD) != 0:
-            raise _oserror(errno, "madvise(MADV_COLD)")
+        self._advise(MADV_COLD, even_locked, first, count)
 
-    def _pageout(self, bint even_locked=False) -> None:
-        """madvise(MADV_PAGEOUT) from the calling CPU, if unlocked (tests may force it)."""
+    def _pageout(self, bint even_locked=False, Py_ssize_t first=0, Py_ssize_t count=-1) -> None:
+        """madvise(MADV_PAGEOUT) of pages [first, first+count) (-1: to the end), if unlocked."""
+        self._advise(MADV_PAGEOUT, even_locked, first, count)
+
+    def _advise(self, int advice, bint even_locked, Py_ssize_t first, Py_ssize_t count):
         self._check_open()
-        if (even_locked or not self.locked) and madvise(self.base, self.mapped, MADV_PAGEOUT) != 0:
-            raise _oserror(errno, "madvise(MADV_PAGEOUT)")
+        if count < 0:
+            count = self.npages - first
+        if first < 0 or count < 0 or first + count > self.npages:
+            raise ValueError(f"pages [{first}, {first}+{count}) are outside the memory")
+        if (even_locked or not self.locked) and count and madvise(
+                self.base + first * self.page, count * self.page, advice) != 0:
+            raise _oserror(errno, f"madvise({advice})")
 
     def _resident_pages(self) -> int:
         """How many pages mincore() reports resident."""
