@@ -3,5 +3,6 @@
 
 include "_pagetable.pyx"
 include "_kernel.pyx"
+include "_mapped.pyx"
 include "_madvfree.pyx"
 include "_sharedmem.pyx"

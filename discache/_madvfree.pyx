@@ -4,16 +4,7 @@
 # userfaultfd (missing mode, UFFD_FEATURE_SIGBUS), so a discarded page faults instead of reading
 # zeros.  Included by _core.pyx; declared in _madvfree.pxd.
 
-from cpython.buffer cimport (
-    PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBuffer,
-)
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from libc.stdlib cimport calloc, free
-from libc.string cimport memcpy, memmove, memset
-
 import weakref as _weakref
-
-from discache.errors import PurgedError, PurgedPageError
 
 # Page loops over at least this many pages run without the GIL.
 cdef Py_ssize_t MADVFREE_NOGIL_PAGES = 2048
@@ -31,18 +22,14 @@ def _register_sigbus_memories_after_fork() -> None:
 _os.register_at_fork(after_in_child=_register_sigbus_memories_after_fork)
 
 
-cdef class MadvFreeMemory:
+cdef class MadvFreeMemory(MappedMemory):
     """Private discardable memory on MADV_FREE, exact purge detection; created locked."""
 
     def __cinit__(self, nbytes, bint sigbus=False):
         cdef void *mapping
         cdef int err
         self.uffd = -1
-        self.base = NULL
-        self.nbytes = _check_nbytes(nbytes)
-        self.page = sysconf(_SC_PAGESIZE)
-        self.npages = (self.nbytes + self.page - 1) // self.page
-        self.mapped = self.npages * self.page
+        self._init_size(nbytes)
         self.sigbus = sigbus
         self.saved = <uint64_t *>calloc(self.npages, sizeof(uint64_t))
         if self.saved == NULL:
@@ -92,9 +79,6 @@ cdef class MadvFreeMemory:
             self.uffd_lost = True
 
     def __dealloc__(self):
-        if self.base != NULL:
-            munmap(self.base, self.mapped)
-            self.base = NULL
         if self.uffd >= 0:
             close(self.uffd)
             self.uffd = -1
@@ -105,42 +89,6 @@ cdef class MadvFreeMemory:
     def backend(self) -> str:
         """The backend's name."""
         return "madvfree-sigbus" if self.sigbus else "madvfree"
-
-    @property
-    def is_locked(self) -> bool:
-        """True while locked (the pages cannot be discarded)."""
-        return self.locked and not self.closed_
-
-    @property
-    def closed(self) -> bool:
-        """True once close() has run."""
-        return self.closed_
-
-    @property
-    def address(self) -> int:
-        """Address of the first byte (what PurgedPageError.address is measured against)."""
-        self._check_open()
-        return <size_t>self.base
-
-    cdef int _check_open(self) except -1:
-        if self.closed_:
-            raise ValueError("discardable memory is closed")
-        if self.busy:
-            raise RuntimeError("discardable memory is in use by another thread")
-        return 0
-
-    cdef int _release_views(self) except -1:
-        if self.view is not None:
-            try:
-                self.view.release()
-            except BufferError:
-                raise BufferError("an object still holds a buffer of mem.data (a numpy array, "
-                                  "a memoryview of it...); release it first") from None
-            self.view = None
-        if self.exports:
-            raise BufferError(f"{self.exports} buffer(s) of the memory are still alive (slices "
-                              "of mem.data or memoryview(mem)); release them first")
-        return 0
 
     def lock(self) -> bool:
         """Lock; True if every page is intact, False if some were purged (contents undefined)."""
@@ -207,17 +155,12 @@ cdef class MadvFreeMemory:
         """Unmap the memory (locked or not); calling it again does nothing."""
         if self.closed_:
             return
-        self._check_open()
-        self._release_views()
-        munmap(self.base, self.mapped)
-        self.base = NULL
+        self._unmap()
         if self.uffd >= 0:
             close(self.uffd)
             self.uffd = -1
         free(self.saved)
         self.saved = NULL
-        self.closed_ = True
-        self.locked = False
 
     @property
     def data(self) -> memoryview:
@@ -376,23 +319,6 @@ cdef class MadvFreeMemory:
                 self.base + first * self.page, count * self.page, advice) != 0:
             raise _oserror(errno, f"madvise({advice})")
 
-    def _resident_pages(self) -> int:
-        """How many pages mincore() reports resident."""
-        cdef unsigned char *vec
-        cdef Py_ssize_t i, count = 0
-        self._check_open()
-        vec = <unsigned char *>calloc(self.npages, 1)
-        if vec == NULL:
-            raise MemoryError()
-        try:
-            if mincore(self.base, self.mapped, vec) != 0:
-                raise _oserror(errno, "mincore")
-            for i in range(self.npages):
-                count += vec[i] & 1
-        finally:
-            free(vec)
-        return count
-
     def _force_reclaim(self) -> int:
         """Make the kernel discard the pages now if unlocked; returns how many are gone."""
         self._check_open()
@@ -405,6 +331,13 @@ cdef class MadvFreeMemory:
         on_every_cpu(self._pageout)
         return self.npages - self._resident_pages()
 
-    def __repr__(self) -> str:
-        state = "closed" if self.closed_ else ("locked" if self.locked else "unlocked")
-        return f"<MadvFreeMemory {self.backend} nbytes={self.nbytes} {state}>"
+    cdef int _check_unlocked_access(self) except -1:
+        if not self.sigbus:
+            return MappedMemory._check_unlocked_access(self)
+        if self.uffd_lost:
+            raise RuntimeError("this forked child could not register the memory with a "
+                               "userfaultfd: lock() it first")
+        # Someone (faulthandler.enable()) may have put another SIGBUS handler over ours.
+        if not dc_sigbus_handler_installed() and dc_install_sigbus_handler() != 0:
+            raise _oserror(errno, "cannot reinstall the SIGBUS handler")
+        return 0
