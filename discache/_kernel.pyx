@@ -1,6 +1,7 @@
 # Probes of the kernel features the backends stand on, by the system calls themselves.
 # Included by _core.pyx; declared in _kernel.pxd.
 
+import operator as _operator
 import os as _os
 
 
@@ -84,3 +85,37 @@ def probe_ashmem() -> tuple:
 
 MADV_FREE_VALUE = MADV_FREE
 MADV_PAGEOUT_VALUE = MADV_PAGEOUT
+
+
+def physical_memory() -> int:
+    """The machine's physical memory in bytes, the largest size discache accepts."""
+    return sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGESIZE)
+
+
+cdef Py_ssize_t _check_nbytes(object nbytes) except -1:
+    """A size argument: an int from 1 byte to the machine's physical memory, or a clear error."""
+    cdef object n = _operator.index(nbytes)
+    cdef object limit = physical_memory()
+    if n <= 0 or n > limit:
+        raise ValueError(f"nbytes must be between 1 and {limit} (physical memory), got {n}")
+    return n
+
+
+cdef object _oserror(int err, str what):
+    """OSError (or its errno subclass) for a failed system call."""
+    return OSError(err, f"{what}: {_os.strerror(err)}")
+
+
+def on_every_cpu(fn) -> None:
+    """Call fn() pinned to each CPU this thread may run on, then restore the thread's affinity.
+
+    MADV_PAGEOUT misses pages still sitting in another CPU's per-CPU LRU batch; issuing it from
+    every CPU drains them all.
+    """
+    original = _os.sched_getaffinity(0)
+    try:
+        for cpu in sorted(original):
+            _os.sched_setaffinity(0, {cpu})
+            fn()
+    finally:
+        _os.sched_setaffinity(0, original)

@@ -1,0 +1,343 @@
+# Private discardable memory on MADV_FREE.  Unlock hands the pages to the kernel's lazy free;
+# lock finds exactly which ones the kernel discarded.  Default mode: Chromium's cookie in each
+# page's first word, restored by compare-and-swap.  SIGBUS mode: the mapping is registered with a
+# userfaultfd (missing mode, UFFD_FEATURE_SIGBUS), so a discarded page faults instead of reading
+# zeros.  Included by _core.pyx; declared in _madvfree.pxd.
+
+import weakref as _weakref
+
+# Page loops over at least this many pages run without the GIL.
+cdef Py_ssize_t MADVFREE_NOGIL_PAGES = 2048
+
+# SIGBUS-mode memories of this process: a forked child must register them with its own
+# userfaultfd, since fork() drops the registration (no UFFD_FEATURE_EVENT_FORK).
+_SIGBUS_MEMORIES = _weakref.WeakSet()
+
+
+def _register_sigbus_memories_after_fork() -> None:
+    for mem in list(_SIGBUS_MEMORIES):
+        (<MadvFreeMemory>mem)._after_fork()
+
+
+_os.register_at_fork(after_in_child=_register_sigbus_memories_after_fork)
+
+
+cdef class MadvFreeMemory(MappedMemory):
+    """Private discardable memory on MADV_FREE, exact purge detection; created locked."""
+
+    def __cinit__(self, nbytes, bint sigbus=False):
+        cdef void *mapping
+        cdef int err
+        self.uffd = -1
+        self._init_size(nbytes)
+        self.sigbus = sigbus
+        self.saved = <uint64_t *>calloc(self.npages, sizeof(uint64_t))
+        if self.saved == NULL:
+            raise MemoryError(f"cannot allocate the bookkeeping of {self.npages} pages")
+        mapping = mmap(NULL, self.mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        if mapping == MAP_FAILED:
+            err = errno
+            raise MemoryError(f"cannot map {self.mapped} bytes: {_os.strerror(err)}")
+        self.base = <char *>mapping
+        self.locked = True
+        if sigbus:
+            self._register_userfaultfd()
+
+    def _register_userfaultfd(self):
+        """Populate every page, then register the mapping for SIGBUS on missing pages."""
+        cdef Py_ssize_t i
+        if dc_install_sigbus_handler() != 0:
+            raise _oserror(errno, "cannot install the SIGBUS handler")
+        # A page never touched is missing too: it would fault on first use.
+        for i in range(self.npages):
+            self.base[i * self.page] = 0
+        self._register()
+        _SIGBUS_MEMORIES.add(self)
+
+    cdef int _register(self) except -1:
+        self.uffd = dc_uffd_open_sigbus()
+        if self.uffd < 0:
+            raise _oserror(errno, "userfaultfd with UFFD_FEATURE_SIGBUS")
+        if dc_uffd_register_missing(self.uffd, self.base, self.mapped) != 0:
+            raise _oserror(errno, "UFFDIO_REGISTER in missing mode")
+        return 0
+
+    cdef void _after_fork(self) noexcept:
+        if self.closed_ or self.base == NULL:
+            return
+        if self.uffd >= 0:
+            close(self.uffd)  # the parent's; the parent keeps its own reference
+            self.uffd = -1
+        try:
+            self._register()
+        except OSError:
+            # Without the registration a discarded page would read as zeros: from now on this
+            # child reports every page purged at lock() and refuses unlocked access.
+            if self.uffd >= 0:
+                close(self.uffd)
+                self.uffd = -1
+            self.uffd_lost = True
+
+    def __dealloc__(self):
+        if self.uffd >= 0:
+            close(self.uffd)
+            self.uffd = -1
+        free(self.saved)
+        self.saved = NULL
+
+    @property
+    def backend(self) -> str:
+        """The backend's name."""
+        return "madvfree-sigbus" if self.sigbus else "madvfree"
+
+    def lock(self) -> bool:
+        """Lock; True if every page is intact, False if some were purged (contents undefined)."""
+        cdef long purged
+        cdef int err
+        self._check_open()
+        if self.locked:
+            raise RuntimeError("discardable memory is already locked (locks do not nest)")
+        if self.sigbus and self.uffd_lost:
+            # Pages fault in as zeros now; which ones the kernel discarded cannot be known.
+            dc_sigbus_lock(self.base, self.npages, self.page, -1)
+            purged = self.npages
+        elif self.sigbus:
+            if self.npages >= MADVFREE_NOGIL_PAGES:
+                self.busy = True
+                with nogil:
+                    purged = dc_sigbus_lock(self.base, self.npages, self.page, self.uffd)
+                self.busy = False
+            else:
+                purged = dc_sigbus_lock(self.base, self.npages, self.page, self.uffd)
+            if purged < 0:
+                err = errno
+                raise _oserror(err, "cannot fill a purged page through the userfaultfd")
+        elif self.npages >= MADVFREE_NOGIL_PAGES:
+            self.busy = True
+            with nogil:
+                purged = dc_cookie_lock(self.base, self.npages, self.page, self.saved)
+            self.busy = False
+        else:
+            purged = dc_cookie_lock(self.base, self.npages, self.page, self.saved)
+        self.locked = True
+        self.purged_pages = purged
+        return purged == 0
+
+    def unlock(self) -> None:
+        """Unlock: the kernel may now discard the pages; .data is unusable until lock()."""
+        cdef int rc, err
+        self._check_open()
+        if not self.locked:
+            raise RuntimeError("discardable memory is not locked")
+        self._release_views()
+        if self.sigbus and not dc_sigbus_handler_installed():
+            if dc_install_sigbus_handler() != 0:
+                raise _oserror(errno, "cannot reinstall the SIGBUS handler")
+        if self.npages >= MADVFREE_NOGIL_PAGES:
+            self.busy = True
+            with nogil:
+                if not self.sigbus:
+                    dc_cookie_unlock(self.base, self.npages, self.page, self.saved)
+                rc = madvise(self.base, self.mapped, MADV_FREE)
+            self.busy = False
+        else:
+            if not self.sigbus:
+                dc_cookie_unlock(self.base, self.npages, self.page, self.saved)
+            rc = madvise(self.base, self.mapped, MADV_FREE)
+        if rc != 0:
+            err = errno
+            if not self.sigbus:
+                dc_cookie_lock(self.base, self.npages, self.page, self.saved)
+            raise _oserror(err, "madvise(MADV_FREE)")
+        self.locked = False
+
+    def close(self) -> None:
+        """Unmap the memory (locked or not); calling it again does nothing."""
+        if self.closed_:
+            return
+        self._unmap()
+        if self.uffd >= 0:
+            close(self.uffd)
+            self.uffd = -1
+        free(self.saved)
+        self.saved = NULL
+
+    @property
+    def data(self) -> memoryview:
+        """Writable memoryview of the nbytes; only while locked, released by unlock()/close()."""
+        cdef object view = self.view
+        self._check_open()
+        if not self.locked:
+            raise RuntimeError("discardable memory is unlocked: lock() it before using .data")
+        if view is not None:
+            try:
+                view.nbytes
+                return view
+            except ValueError:  # the caller released it
+                pass
+        view = memoryview(self)
+        self.view = view
+        return view
+
+    def __getbuffer__(self, Py_buffer *buffer, int flags):
+        self._check_open()
+        if not self.locked:
+            raise RuntimeError("discardable memory is unlocked: lock() it before using it")
+        PyBuffer_FillInfo(buffer, self, self.base, self.nbytes, 0, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buffer):
+        self.exports -= 1
+
+    def __enter__(self) -> memoryview:
+        if not self.lock():
+            raise PurgedError(
+                f"{self.purged_pages} of {self.npages} pages were purged; the memory is locked "
+                "with undefined contents: refill mem.data, then unlock() or close()")
+        return self.data
+
+    def __exit__(self, *exc_info) -> None:
+        if self.locked and not self.closed_:
+            self.unlock()
+
+    cdef int _check_access(self, Py_ssize_t offset, Py_ssize_t size) except -1:
+        self._check_open()
+        if offset < 0 or size < 0 or offset > self.nbytes or size > self.nbytes - offset:
+            raise ValueError(f"range [{offset}, {offset}+{size}) is outside the "
+                             f"{self.nbytes} bytes of the memory")
+        if not self.locked:
+            if not self.sigbus:
+                raise RuntimeError("discardable memory is unlocked: lock() it first (only the "
+                                   "madvfree-sigbus backend reads and writes unlocked memory)")
+            if self.uffd_lost:
+                raise RuntimeError("this forked child could not register the memory with a "
+                                   "userfaultfd: lock() it first")
+            # Someone (faulthandler.enable()) may have put another SIGBUS handler over ours.
+            if not dc_sigbus_handler_installed() and dc_install_sigbus_handler() != 0:
+                raise _oserror(errno, "cannot reinstall the SIGBUS handler")
+        return 0
+
+    cdef int _raise_purged(self, size_t address) except -1:
+        cdef size_t page_address = address - address % self.page
+        raise PurgedPageError(
+            page_address, f"page at offset {page_address - <size_t>self.base} (address "
+            f"{page_address:#x}) was purged while unlocked; lock() the memory and refill it")
+
+    def read(self, Py_ssize_t offset=0, Py_ssize_t size=-1) -> bytes:
+        """Copy bytes out; unlocked SIGBUS-mode memory raises PurgedPageError on a purged page."""
+        cdef size_t fault = 0
+        cdef bytes out
+        cdef char *dst
+        if size < 0 and offset >= 0 and offset <= self.nbytes:
+            size = self.nbytes - offset
+        self._check_access(offset, size)
+        out = PyBytes_FromStringAndSize(NULL, size)
+        dst = PyBytes_AS_STRING(out)
+        if self.locked:
+            memcpy(dst, self.base + offset, size)
+        elif dc_guarded_copy(dst, self.base + offset, size, <size_t>self.base,
+                             <size_t>self.base + self.mapped, &fault) != 0:
+            self._raise_purged(fault)
+        return out
+
+    def readinto(self, buffer, Py_ssize_t offset=0) -> int:
+        """Copy into a writable buffer as many bytes as fit; returns the count."""
+        cdef Py_buffer target
+        cdef size_t fault = 0
+        cdef Py_ssize_t size
+        cdef int rc = 0
+        PyObject_GetBuffer(buffer, &target, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            size = target.len
+            if offset >= 0 and offset <= self.nbytes and size > self.nbytes - offset:
+                size = self.nbytes - offset
+            self._check_access(offset, size)
+            if self.locked:
+                memmove(target.buf, self.base + offset, size)
+            else:
+                rc = dc_guarded_copy(target.buf, self.base + offset, size, <size_t>self.base,
+                                     <size_t>self.base + self.mapped, &fault)
+        finally:
+            PyBuffer_Release(&target)
+        if rc != 0:
+            self._raise_purged(fault)
+        return size
+
+    def write(self, data, Py_ssize_t offset=0) -> int:
+        """Copy bytes in; unlocked SIGBUS-mode memory raises PurgedPageError, writing nothing."""
+        cdef Py_buffer source
+        cdef size_t fault = 0, first, last
+        cdef Py_ssize_t size
+        cdef int rc = 0
+        PyObject_GetBuffer(data, &source, PyBUF_SIMPLE)
+        try:
+            size = source.len
+            self._check_access(offset, size)
+            if self.locked:
+                memmove(self.base + offset, source.buf, size)
+            elif size:
+                # Probe every page first (a read does not re-dirty), so a purge found before
+                # the copy writes nothing; a purge racing the copy is still reported.
+                first = offset // self.page
+                last = (offset + size - 1) // self.page
+                rc = dc_guarded_probe(self.base + first * self.page, last - first + 1,
+                                      self.page, &fault)
+                if rc == 0:
+                    rc = dc_guarded_copy(self.base + offset, source.buf, size,
+                                         <size_t>self.base, <size_t>self.base + self.mapped,
+                                         &fault)
+        finally:
+            PyBuffer_Release(&source)
+        if rc != 0:
+            self._raise_purged(fault)
+        return size
+
+    def _purge(self) -> int:
+        """Discard the pages now if unlocked (MADV_DONTNEED); returns how many were discarded."""
+        self._check_open()
+        if self.locked:
+            return 0
+        if madvise(self.base, self.mapped, MADV_DONTNEED) != 0:
+            raise _oserror(errno, "madvise(MADV_DONTNEED)")
+        return self.npages
+
+    def _cold(self, bint even_locked=False, Py_ssize_t first=0, Py_ssize_t count=-1) -> None:
+        """madvise(MADV_COLD) from the calling CPU, if unlocked: drains its per-CPU LRU batches."""
+        self._advise(MADV_COLD, even_locked, first, count)
+
+    def _pageout(self, bint even_locked=False, Py_ssize_t first=0, Py_ssize_t count=-1) -> None:
+        """madvise(MADV_PAGEOUT) of pages [first, first+count) (-1: to the end), if unlocked."""
+        self._advise(MADV_PAGEOUT, even_locked, first, count)
+
+    def _advise(self, int advice, bint even_locked, Py_ssize_t first, Py_ssize_t count):
+        self._check_open()
+        if count < 0:
+            count = self.npages - first
+        if first < 0 or count < 0 or first + count > self.npages:
+            raise ValueError(f"pages [{first}, {first}+{count}) are outside the memory")
+        if (even_locked or not self.locked) and count and madvise(
+                self.base + first * self.page, count * self.page, advice) != 0:
+            raise _oserror(errno, f"madvise({advice})")
+
+    def _force_reclaim(self) -> int:
+        """Make the kernel discard the pages now if unlocked; returns how many are gone."""
+        self._check_open()
+        if self.locked:
+            return 0
+        # Measured on 6.18: a MADV_PAGEOUT issued while another CPU's LRU batch still holds a
+        # freed page does not discard it and even cancels its lazy free.  So first drain the
+        # batches of every CPU (MADV_COLD drains the local ones), then page out from each CPU.
+        on_every_cpu(self._cold)
+        on_every_cpu(self._pageout)
+        return self.npages - self._resident_pages()
+
+    cdef int _check_unlocked_access(self) except -1:
+        if not self.sigbus:
+            return MappedMemory._check_unlocked_access(self)
+        if self.uffd_lost:
+            raise RuntimeError("this forked child could not register the memory with a "
+                               "userfaultfd: lock() it first")
+        # Someone (faulthandler.enable()) may have put another SIGBUS handler over ours.
+        if not dc_sigbus_handler_installed() and dc_install_sigbus_handler() != 0:
+            raise _oserror(errno, "cannot reinstall the SIGBUS handler")
+        return 0
