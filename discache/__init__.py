@@ -5,11 +5,15 @@ from . import backends
 from ._core import DiscardableSharedMemory, LockResult, PageTable
 from .errors import BackendUnavailableError, DiscacheError, PurgedError, PurgedPageError
 from .memory import DiscardableMemory, DiscardableMemoryAllocator, allocate, force_reclaim
+from .manager import DiscardableMemoryManager, default_manager
+from .cache import DiscardableCache, cached
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "DiscardableCache",
+    "DiscardableMemoryManager",
     "DiscacheError",
     "DiscardableMemory",
     "DiscardableMemoryAllocator",
@@ -21,5 +25,7 @@ __all__ = [
     "__version__",
     "allocate",
     "backends",
+    "cached",
+    "default_manager",
     "force_reclaim",
 ]

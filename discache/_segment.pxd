@@ -16,3 +16,10 @@ cdef class Segment:
     cdef int _check_span(self, Py_ssize_t first, Py_ssize_t count) except -1
     cdef int _check_open(self) except -1
     cdef int _unlock(self, Py_ssize_t first, Py_ssize_t count) except -1
+
+
+cdef class SpanBuffer:
+    cdef Segment segment            # keeps the mapping alive while views exist
+    cdef Py_ssize_t offset
+    cdef Py_ssize_t size
+    cdef readonly Py_ssize_t exports

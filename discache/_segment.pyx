@@ -205,6 +205,10 @@ cdef class Segment:
     def __releasebuffer__(self, Py_buffer *buffer):
         self.exports -= 1
 
+    def span_buffer(self, Py_ssize_t offset, Py_ssize_t size) -> SpanBuffer:
+        """An object exporting bytes [offset, offset+size) through the buffer protocol."""
+        return SpanBuffer(self, offset, size)
+
     def fileno(self) -> int:
         """The memfd of a "memfd" segment."""
         self._check_open()
@@ -227,3 +231,26 @@ cdef class Segment:
     def __repr__(self) -> str:
         state = "closed" if self.base == NULL else f"{self.npages} pages"
         return f"<Segment {self.kind} {state}>"
+
+
+cdef class SpanBuffer:
+    """The buffer of one span of a segment: counts its exports, so that unlock and close can
+    refuse while any view (or slice of one) is alive."""
+
+    def __cinit__(self, Segment segment, Py_ssize_t offset, Py_ssize_t size):
+        segment._check_open()
+        if offset < 0 or size < 0 or offset > segment.nbytes - size:
+            raise IndexError(f"bytes [{offset}, {offset + size}) are outside the segment")
+        self.segment = segment
+        self.offset = offset
+        self.size = size
+
+    def __getbuffer__(self, Py_buffer *buffer, int flags):
+        self.segment._check_open()
+        PyBuffer_FillInfo(buffer, self, self.segment.base + self.offset, self.size, 0, flags)
+        self.exports += 1
+        self.segment.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buffer):
+        self.exports -= 1
+        self.segment.exports -= 1

@@ -247,7 +247,7 @@ class DiscardableCache(CacheCore, MutableMapping):
             if batch:
                 if self.verify:
                     for _, _, entry in batch:
-                        entry.checksum = mmh3.hash_bytes(entry.mem.data[:entry.size])
+                        entry.checksum = mmh3.hash_bytes(entry.mem.read(0, entry.size))
                 # Unlocked in the entries first: from here on a hit takes the locked path.
                 for _, _, entry in batch:
                     entry.locked = False
@@ -270,7 +270,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         once the shard's lock is released)."""
         intact = entry.mem.lock()
         if intact and self.verify and entry.checksum is not None:
-            intact = mmh3.hash_bytes(entry.mem.data[:entry.size]) == entry.checksum
+            intact = mmh3.hash_bytes(entry.mem.read(0, entry.size)) == entry.checksum
         if intact:
             entry.locked = True
             entry.used = True

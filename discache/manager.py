@@ -62,6 +62,7 @@ class ManagedMemory(DiscardableMemory):
         self._closed = False
         self._purged = False  # discarded by the manager's policy while unlocked
         self._view: Optional[memoryview] = None
+        self._buffer: Any = None  # SpanBuffer of a mapped segment: counts live views
         self.last_unlocked = 0.0
 
     @property
@@ -95,8 +96,9 @@ class ManagedMemory(DiscardableMemory):
         """Writable view of the nbytes, only while locked; released by unlock() and close()."""
         self._check_locked()
         if self._view is None:
-            with memoryview(self._segment) as whole:
-                self._view = whole[self.offset:self.offset + self.nbytes]
+            if self._buffer is None:
+                self._buffer = self._segment.span_buffer(self.offset, self.nbytes)
+            self._view = memoryview(self._buffer)
         return self._view
 
     def _release_view(self) -> None:
@@ -107,6 +109,9 @@ class ManagedMemory(DiscardableMemory):
                 raise BufferError("an object still holds a buffer of mem.data; release it first") \
                     from None
             self._view = None
+        if self._buffer is not None and self._buffer.exports:
+            raise BufferError(f"{self._buffer.exports} view(s) of mem.data (slices, arrays...) "
+                              "are still alive; release them first")
 
     def lock(self) -> bool:
         """Lock; True if intact, False if anything was purged (contents undefined: refill)."""
