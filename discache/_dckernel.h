@@ -113,6 +113,29 @@ static int dc_uffd_zeropage(int fd, void *addr, size_t len) {
     return 0;
 }
 
+/* ---- Android ashmem (the uapi header is not installed on mainline Linux) ---- */
+
+struct dc_ashmem_pin {
+    uint32_t offset;
+    uint32_t len;
+};
+#define DC_ASHMEM_SET_NAME _IOW(0x77, 1, char[256])
+#define DC_ASHMEM_SET_SIZE _IOW(0x77, 3, size_t)
+#define DC_ASHMEM_PIN _IOW(0x77, 7, struct dc_ashmem_pin)
+#define DC_ASHMEM_UNPIN _IOW(0x77, 8, struct dc_ashmem_pin)
+#define DC_ASHMEM_GET_PIN_STATUS _IO(0x77, 9)
+#define DC_ASHMEM_PURGE_ALL_CACHES _IO(0x77, 10)
+#define DC_ASHMEM_WAS_PURGED 1
+
+/* PIN/UNPIN of [offset, offset+len) (len 0: to the end); PIN returns ASHMEM_WAS_PURGED or
+ * ASHMEM_NOT_PURGED, or -1 with errno. */
+static int dc_ashmem_pin(int fd, unsigned long request, uint32_t offset, uint32_t len) {
+    struct dc_ashmem_pin pin;
+    pin.offset = offset;
+    pin.len = len;
+    return ioctl(fd, request, &pin);
+}
+
 /* ---- SIGBUS guard ----
  * A guarded access arms a per-thread jump buffer and the address range it may fault in.  The
  * handler jumps back only for a fault inside that range while armed; any other SIGBUS goes to the

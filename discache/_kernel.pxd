@@ -118,3 +118,10 @@ cdef extern from "_dckernel.h" nogil:
                         size_t lo, size_t hi, size_t *fault)
     int dc_guarded_probe(char *start, size_t npages, size_t page, size_t *fault)
     long dc_sigbus_lock(char *base, size_t npages, size_t page, int uffd)
+    unsigned long DC_ASHMEM_SET_NAME
+    unsigned long DC_ASHMEM_SET_SIZE
+    unsigned long DC_ASHMEM_PIN
+    unsigned long DC_ASHMEM_UNPIN
+    unsigned long DC_ASHMEM_PURGE_ALL_CACHES
+    int DC_ASHMEM_WAS_PURGED
+    int dc_ashmem_pin(int fd, unsigned long request, unsigned int offset, unsigned int length)

@@ -6,6 +6,7 @@ cdef class MadvFreeMemory(MappedMemory):
     cdef readonly bint sigbus
     cdef int uffd                   # userfaultfd in SIGBUS mode, else -1
     cdef bint uffd_lost             # a forked child could not register the mapping again
+    cdef readonly int reclaim_attempts  # rounds the last force_reclaim needed
 
     cdef int _register(self) except -1
     cdef void _after_fork(self) noexcept
