@@ -81,6 +81,7 @@ class MadvFreeMemory(MappedMemory):
     """Private discardable memory on MADV_FREE, exact purge detection; created locked."""
 
     sigbus: bool
+    reclaim_attempts: int
     def __init__(self, nbytes: int, sigbus: bool = False) -> None: ...
     @property
     def backend(self) -> Literal["madvfree", "madvfree-sigbus"]: ...
