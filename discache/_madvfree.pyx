@@ -52,6 +52,9 @@ cdef class MadvFreeMemory(MappedMemory):
         cdef Py_ssize_t i
         if dc_install_sigbus_handler() != 0:
             raise _oserror(errno, "cannot install the SIGBUS handler")
+        self.residency = <unsigned char *>calloc(self.npages, 1)
+        if self.residency == NULL:
+            raise MemoryError(f"cannot allocate the bookkeeping of {self.npages} pages")
         # A page never touched is missing too: it would fault on first use.
         for i in range(self.npages):
             self.base[i * self.page] = 0
@@ -88,6 +91,8 @@ cdef class MadvFreeMemory(MappedMemory):
             self.uffd = -1
         free(self.saved)
         self.saved = NULL
+        free(self.residency)
+        self.residency = NULL
 
     @property
     def backend(self) -> str:
@@ -103,16 +108,18 @@ cdef class MadvFreeMemory(MappedMemory):
             raise RuntimeError("discardable memory is already locked (locks do not nest)")
         if self.sigbus and self.uffd_lost:
             # Pages fault in as zeros now; which ones the kernel discarded cannot be known.
-            dc_sigbus_lock(self.base, self.npages, self.page, -1)
+            dc_sigbus_lock(self.base, self.npages, self.page, -1, NULL)
             purged = self.npages
         elif self.sigbus:
             if self.npages >= MADVFREE_NOGIL_PAGES:
                 self.busy = True
                 with nogil:
-                    purged = dc_sigbus_lock(self.base, self.npages, self.page, self.uffd)
+                    purged = dc_sigbus_lock(self.base, self.npages, self.page, self.uffd,
+                                            self.residency)
                 self.busy = False
             else:
-                purged = dc_sigbus_lock(self.base, self.npages, self.page, self.uffd)
+                purged = dc_sigbus_lock(self.base, self.npages, self.page, self.uffd,
+                                            self.residency)
             if purged < 0:
                 err = errno
                 raise _oserror(err, "cannot fill a purged page through the userfaultfd")
@@ -165,6 +172,8 @@ cdef class MadvFreeMemory(MappedMemory):
             self.uffd = -1
         free(self.saved)
         self.saved = NULL
+        free(self.residency)
+        self.residency = NULL
 
     @property
     def data(self) -> memoryview:
