@@ -3,7 +3,7 @@
 # (ASHMEM_WAS_PURGED, for the whole range at once).  /dev/ashmem left mainline Linux in 5.18, so
 # this runs on Android kernels only.  Included by _core.pyx; declared in _ashmem.pxd.
 
-from discache.errors import BackendUnavailableError
+from discache.errors import BackendUnavailableError as _BackendUnavailableError
 
 
 cdef class AshmemMemory(MappedMemory):
@@ -18,7 +18,7 @@ cdef class AshmemMemory(MappedMemory):
             raise ValueError("ashmem pins take 32-bit offsets: at most 4 GiB per region")
         self.fd = open(b"/dev/ashmem", O_RDWR | O_CLOEXEC)
         if self.fd < 0:
-            raise BackendUnavailableError(probe_ashmem()[1])
+            raise _BackendUnavailableError(probe_ashmem()[1])
         memset(name, 0, sizeof(name))
         memcpy(name, b"discache", 8)
         ioctl(self.fd, DC_ASHMEM_SET_NAME, name)  # only a label in /proc/pid/maps

@@ -10,7 +10,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memmove, memset
 
-from discache.errors import PurgedError, PurgedPageError
+from discache.errors import PurgedError as _PurgedError, PurgedPageError as _PurgedPageError
 
 
 cdef class MappedMemory:
@@ -113,7 +113,7 @@ cdef class MappedMemory:
 
     def __enter__(self) -> memoryview:
         if not self.lock():
-            raise PurgedError(
+            raise _PurgedError(
                 f"{self.purged_pages} of {self.npages} pages were purged; the memory is locked "
                 "with undefined contents: refill mem.data, then unlock() or close()")
         return self.data
@@ -137,7 +137,7 @@ cdef class MappedMemory:
 
     cdef int _raise_purged(self, size_t address) except -1:
         cdef size_t page_address = address - address % self.page
-        raise PurgedPageError(
+        raise _PurgedPageError(
             page_address, f"page at offset {page_address - <size_t>self.base} (address "
             f"{page_address:#x}) was purged while unlocked; lock() the memory and refill it")
 
