@@ -73,7 +73,7 @@ class DiscardableMemory(abc.ABC):
             self.unlock()
 
 
-DiscardableMemory.register(_core.MadvFreeMemory)
+DiscardableMemory.register(_core.MappedMemory)  # MadvFreeMemory, AshmemMemory
 
 
 class MemfdMemory(DiscardableMemory):
