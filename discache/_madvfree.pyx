@@ -10,8 +10,6 @@ import weakref as _weakref
 cdef Py_ssize_t MADVFREE_NOGIL_PAGES = 2048
 
 # force_reclaim retries: each one frees the kept pages again and drains and pages out again.
-cdef int RECLAIM_ATTEMPTS = 4
-import time as _time
 
 # SIGBUS-mode memories of this process: a forked child must register them with its own
 # userfaultfd, since fork() drops the registration (no UFFD_FEATURE_EVENT_FORK).
@@ -204,7 +202,6 @@ cdef class MadvFreeMemory(MappedMemory):
 
     def _force_reclaim(self, Py_ssize_t first=0, Py_ssize_t count=-1) -> int:
         """Make the kernel discard pages [first, first+count) now if unlocked; returns how many."""
-        cdef Py_ssize_t left = 0
         self._check_open()
         if count < 0:
             count = self.npages - first
@@ -212,26 +209,10 @@ cdef class MadvFreeMemory(MappedMemory):
             raise ValueError(f"pages [{first}, {first}+{count}) are outside the memory")
         if self.locked:
             return 0
-        for attempt in range(RECLAIM_ATTEMPTS):
-            if attempt > 1:
-                _time.sleep(0.001 * attempt)  # let a short-lived holder of the page finish
-            # Measured on 6.18: a MADV_PAGEOUT issued while another CPU's LRU batch still holds
-            # a freed page does not discard it and even cancels its lazy free.  So first drain
-            # the batches of every CPU (MADV_COLD drains the local ones), then page out from
-            # each CPU.
-            on_every_cpu(lambda: self._advise(MADV_COLD, False, first, count))
-            on_every_cpu(lambda: self._advise(MADV_PAGEOUT, False, first, count))
-            left = self._resident_pages(first, count)
-            if left == 0:
-                break
-            # Rarely a page is still kept: reclaim cannot take a page another reclaimer holds
-            # isolated meanwhile (here: the kdamond of a DAMON paddr monitor with a pageout
-            # scheme, seen holding pages off the LRU for seconds), and MADV_FREE skips such a
-            # page.  The range is unlocked, so free it again (what unlock() did) and retry a few
-            # times; what is still kept after that is kept, and not counted.
-            self._advise(MADV_FREE, False, first, count)
-        self.reclaim_attempts = attempt + 1
-        return count - left
+        gone, self.reclaim_attempts = reclaim_unlocked(
+            lambda advice: self._advise(advice, False, first, count),
+            lambda: self._resident_pages(first, count), count)
+        return gone
 
     cdef int _check_unlocked_access(self) except -1:
         if not self.sigbus:

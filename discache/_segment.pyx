@@ -152,15 +152,13 @@ cdef class Segment:
     def reclaim_span(self, Py_ssize_t first, Py_ssize_t count) -> int:
         """Make the kernel discard the span's unlocked pages now; returns how many are gone.
 
-        madvfree: MADV_COLD then MADV_PAGEOUT from every CPU (per-CPU LRU batches hide pages from
-        the others).  memfd: without swap the kernel cannot reclaim shmem, so this punches a hole."""
+        madvfree: see reclaim_unlocked (a page the kernel keeps is not counted).  memfd: without swap the kernel cannot reclaim shmem, so this punches a hole."""
         self._check_span(first, count)
         if self.kind == "memfd":
             self.discard_span(first, count)
             return count
-        on_every_cpu(lambda: self._advise(MADV_COLD, first, count))
-        on_every_cpu(lambda: self._advise(MADV_PAGEOUT, first, count))
-        return count - self.resident_pages(first, count)
+        return reclaim_unlocked(lambda advice: self._advise(advice, first, count),
+                                lambda: self.resident_pages(first, count), count)[0]
 
     def _advise(self, int advice, Py_ssize_t first, Py_ssize_t count) -> None:
         if madvise(self.base + first * self.page, count * self.page, advice) != 0:

@@ -92,14 +92,17 @@ def test_reclaimed_entries_are_reported_and_never_returned(backend):
     for i in range(6):
         cache[i] = value(i)
     cache.pin(5)
-    pages = force_reclaim(cache)
-    assert pages == 5, "every unpinned entry was unlocked and reclaimed"
-    assert [cache.get(i) for i in range(5)] == [None] * 5
+    pages = force_reclaim(cache)  # one page an entry; a page the kernel keeps is not counted
+    assert 3 <= pages <= 5, "the unpinned entries were unlocked and (nearly all) reclaimed"
+    got = [cache.get(i) for i in range(5)]
+    lost = [i for i in range(5) if got[i] is None]
+    assert len(lost) == pages, "exactly the reclaimed entries are reported"
+    assert all(got[i] == value(i) for i in range(5) if i not in lost), "the rest are intact"
     assert cache[5] == value(5), "a pinned entry is never reclaimed"
-    assert sorted(events) == [(i, "purged") for i in range(5)]
+    assert sorted(events) == [(i, "purged") for i in lost]
     stats = cache.stats()
-    assert stats["purges_detected"] == 5 and stats["evictions_purged"] == 5
-    assert stats["entries"] == 1 and cache.currsize == PAGE
+    assert stats["purges_detected"] == stats["evictions_purged"] == pages
+    assert stats["entries"] == 6 - pages and cache.currsize == (6 - pages) * PAGE
 
 
 def test_get_or_create_regenerates_after_a_purge(backend):
@@ -112,7 +115,8 @@ def test_get_or_create_regenerates_after_a_purge(backend):
 
     assert cache.get_or_create("page", factory) == b"rendered"
     assert cache.get_or_create("page", factory) == b"rendered" and len(calls) == 1
-    force_reclaim(cache)
+    cache.sweep(idle=0)
+    cache.manager.release_free_memory()  # a policy purge: deterministic, unlike the kernel's
     assert cache.get_or_create("page", factory) == b"rendered" and len(calls) == 2
     assert cache.stats()["regenerations"] == 1
 
@@ -175,7 +179,8 @@ def test_cached_decorator(backend):
     info = square.cache_info()
     assert (info.hits, info.misses, info.maxsize) == (1, 2, cache.maxsize)
     assert info.currsize == cache.currsize == 3
-    force_reclaim(cache)
+    cache.sweep(idle=0)
+    cache.manager.release_free_memory()
     assert square(3) == b"9" and calls == [3, 4, 3]
     square.cache_clear()
     assert len(cache) == 0 and square.cache_info().hits == 0
