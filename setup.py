@@ -1,4 +1,5 @@
 """Build the compiled core; there is deliberately no pure-Python fallback."""
+import glob
 import sys
 
 from setuptools import Extension, setup
@@ -16,6 +17,8 @@ extensions = [
     Extension(
         "discache._core",
         ["discache/_core.pyx"],
+        depends=sorted(glob.glob("discache/*.pyx") + glob.glob("discache/*.pxd")
+                       + glob.glob("discache/*.h")),
         extra_compile_args=["-O2"],
     ),
 ]

@@ -1,48 +1,59 @@
-"""Cache hits of the baselines a DiscardableCache is compared against, by value size.
-
-Run: python -m pytest bench/bench_cache.py
-extra_info: op="cache hit", cache=<implementation>, pages=<value size in pages>; `discache bench`
-puts every `cache` in one table, with the ratio to cachetools.LRUCache at the same pages. A
-DiscardableCache benchmark joins the table with the same keys
-(cache="discache.DiscardableCache").
-"""
-from __future__ import annotations
-
+"""The cache hit path: DiscardableCache.get of a 4 KiB value beside cachetools and lru_cache."""
 import functools
-import mmap
 
 import cachetools
 import pytest
 
-PAGE = mmap.PAGESIZE
-PAGES = [1, 16, 256]
-KEYS = 64  # a few entries, so a hit is a lookup among several, not the only key
+from discache.cache import DiscardableCache
+from discache.manager import DiscardableMemoryManager
+
+VALUE = bytes(range(256)) * 16  # 4 KiB
+KEYS = [f"image-{i}" for i in range(1000)]
 
 
-def values(pages):
-    return {key: bytes([key]) * (pages * PAGE) for key in range(KEYS)}
+@pytest.mark.parametrize("backend", ["madvfree", "memfd"])
+def bench_discache_get(benchmark, backend):
+    benchmark.group = "cache hit, 4 KiB value"
+    benchmark.extra_info.update(op="cache-hit", impl=f"DiscardableCache[{backend}]",
+                                backend=backend, nbytes=len(VALUE))
+    cache = DiscardableCache(64 << 20, manager=DiscardableMemoryManager(64 << 20, backend))
+    for key in KEYS:
+        cache[key] = VALUE
+    get = cache.get
+    assert benchmark(get, "image-500") == VALUE
 
 
-@pytest.mark.parametrize("pages", PAGES)
-def bench_cachetools_lru_hit(benchmark, pages):
-    """cachetools.LRUCache.__getitem__ of a present key (moves it to the front)."""
-    cache = cachetools.LRUCache(maxsize=KEYS)
-    cache.update(values(pages))
-    benchmark.extra_info.update(op="cache hit", cache="cachetools.LRUCache", pages=pages)
-    assert len(benchmark(cache.__getitem__, KEYS // 2)) == pages * PAGE
+def bench_cachetools_lru_get(benchmark):
+    benchmark.group = "cache hit, 4 KiB value"
+    benchmark.extra_info.update(op="cache-hit", impl="cachetools.LRUCache", nbytes=len(VALUE))
+    cache = cachetools.LRUCache(maxsize=len(KEYS))
+    for key in KEYS:
+        cache[key] = VALUE
+    assert benchmark(cache.__getitem__, "image-500") == VALUE
 
 
-@pytest.mark.parametrize("pages", PAGES)
-def bench_functools_lru_cache_hit(benchmark, pages):
-    """A call of an functools.lru_cache-wrapped function whose result is cached."""
-    stored = values(pages)
+def bench_functools_lru_cache(benchmark):
+    benchmark.group = "cache hit, 4 KiB value"
+    benchmark.extra_info.update(op="cache-hit", impl="functools.lru_cache", nbytes=len(VALUE))
 
-    @functools.lru_cache(maxsize=KEYS)
+    @functools.lru_cache(maxsize=len(KEYS))
     def load(key):
-        return stored[key]
+        return VALUE
 
-    for key in stored:
-        load(key)
-    benchmark.extra_info.update(op="cache hit", cache="functools.lru_cache", pages=pages)
-    assert len(benchmark(load, KEYS // 2)) == pages * PAGE
-    assert load.cache_info().misses == KEYS
+    load("image-500")
+    assert benchmark(load, "image-500") == VALUE
+
+
+@pytest.mark.parametrize("backend", ["madvfree", "memfd"])
+def bench_discache_get_after_idle_unlock(benchmark, backend):
+    """The first hit on an entry that went idle: it is locked again (cookie check or flag)."""
+    benchmark.group = "cache hit on an idle (unlocked) entry"
+    benchmark.extra_info.update(op="cache-relock", impl=f"DiscardableCache[{backend}]",
+                                backend=backend, nbytes=len(VALUE))
+    cache = DiscardableCache(64 << 20, manager=DiscardableMemoryManager(64 << 20, backend))
+    cache["k"] = VALUE
+
+    def setup():
+        cache.sweep(idle=0)
+
+    assert benchmark.pedantic(cache.get, args=("k",), setup=setup, rounds=2000) == VALUE

@@ -1,16 +1,31 @@
 """discache: discardable memory for Python, with exact purge detection."""
 from __future__ import annotations
 
-from ._core import PageTable
+from . import backends
+from ._core import DiscardableSharedMemory, LockResult, PageTable
 from .errors import BackendUnavailableError, DiscacheError, PurgedError, PurgedPageError
+from .memory import DiscardableMemory, DiscardableMemoryAllocator, allocate, force_reclaim
+from .manager import DiscardableMemoryManager, default_manager
+from .cache import DiscardableCache, cached
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "DiscardableCache",
+    "DiscardableMemoryManager",
     "DiscacheError",
+    "DiscardableMemory",
+    "DiscardableMemoryAllocator",
+    "DiscardableSharedMemory",
+    "LockResult",
     "PageTable",
     "PurgedError",
     "PurgedPageError",
     "__version__",
+    "allocate",
+    "backends",
+    "cached",
+    "default_manager",
+    "force_reclaim",
 ]

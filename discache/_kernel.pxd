@@ -83,3 +83,45 @@ cdef extern from *:
         unsigned long long api
         unsigned long long features
         unsigned long long ioctls
+
+cdef extern from "<unistd.h>" nogil:
+    int _SC_PHYS_PAGES
+    int dup(int fd)
+
+cdef extern from "<sys/stat.h>" nogil:
+    cdef struct stat:
+        long st_size
+        unsigned int st_mode
+    int fstat(int fd, stat *buf)
+    bint S_ISREG(unsigned int mode)
+
+# Atomics, userfaultfd and the SIGBUS guard, written in C (see _dckernel.h for why).
+cdef extern from "_dckernel.h" nogil:
+    int fcntl(int fd, int cmd, ...)
+    int F_ADD_SEALS
+    int F_GET_SEALS
+    int F_SEAL_SEAL
+    int F_SEAL_SHRINK
+    int F_SEAL_GROW
+    unsigned int MFD_ALLOW_SEALING
+    uint64_t DC_COOKIE
+    uint64_t dc_load_u64(uint64_t *word)
+    uint64_t dc_cas_u64(uint64_t *word, uint64_t expected, uint64_t desired)
+    void dc_cookie_unlock(char *base, size_t npages, size_t page, uint64_t *saved)
+    size_t dc_cookie_lock(char *base, size_t npages, size_t page, const uint64_t *saved)
+    int dc_uffd_open_sigbus()
+    int dc_uffd_register_missing(int fd, void *addr, size_t length)
+    long dc_uffd_zero_fill(int fd, char *addr, size_t length, size_t page)
+    int dc_install_sigbus_handler()
+    int dc_sigbus_handler_installed()
+    int dc_guarded_copy(void *dst, const void *src, size_t n,
+                        size_t lo, size_t hi, size_t *fault)
+    int dc_guarded_probe(char *start, size_t npages, size_t page, size_t *fault)
+    long dc_sigbus_lock(char *base, size_t npages, size_t page, int uffd, unsigned char *vec)
+    unsigned long DC_ASHMEM_SET_NAME
+    unsigned long DC_ASHMEM_SET_SIZE
+    unsigned long DC_ASHMEM_PIN
+    unsigned long DC_ASHMEM_UNPIN
+    unsigned long DC_ASHMEM_PURGE_ALL_CACHES
+    int DC_ASHMEM_WAS_PURGED
+    int dc_ashmem_pin(int fd, unsigned long request, unsigned int offset, unsigned int length)

@@ -1,7 +1,9 @@
 # Probes of the kernel features the backends stand on, by the system calls themselves.
 # Included by _core.pyx; declared in _kernel.pxd.
 
+import operator as _operator
 import os as _os
+import time as _time
 
 
 def page_size() -> int:
@@ -84,3 +86,67 @@ def probe_ashmem() -> tuple:
 
 MADV_FREE_VALUE = MADV_FREE
 MADV_PAGEOUT_VALUE = MADV_PAGEOUT
+
+
+def physical_memory() -> int:
+    """The machine's physical memory in bytes, the largest size discache accepts."""
+    return sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGESIZE)
+
+
+cdef Py_ssize_t _check_nbytes(object nbytes) except -1:
+    """A size argument: an int from 1 byte to the machine's physical memory, or a clear error."""
+    cdef object n = _operator.index(nbytes)
+    cdef object limit = physical_memory()
+    if n <= 0 or n > limit:
+        raise ValueError(f"nbytes must be between 1 and {limit} (physical memory), got {n}")
+    return n
+
+
+cdef object _oserror(int err, str what):
+    """OSError (or its errno subclass) for a failed system call."""
+    return OSError(err, f"{what}: {_os.strerror(err)}")
+
+
+def on_every_cpu(fn) -> None:
+    """Call fn() pinned to each CPU this thread may run on, then restore the thread's affinity.
+
+    MADV_PAGEOUT misses pages still sitting in another CPU's per-CPU LRU batch; issuing it from
+    every CPU drains them all.
+    """
+    original = _os.sched_getaffinity(0)
+    try:
+        for cpu in sorted(original):
+            _os.sched_setaffinity(0, {cpu})
+            fn()
+    finally:
+        _os.sched_setaffinity(0, original)
+
+
+RECLAIM_ATTEMPTS = 4
+
+
+def reclaim_unlocked(advise, resident, Py_ssize_t count) -> tuple:
+    """Make the kernel discard a MADV_FREE'd range now; (pages gone, attempts made).
+
+    advise(advice) madvises the range; resident() counts its pages still resident.
+    """
+    cdef Py_ssize_t left = 0
+    cdef int attempt = 0
+    for attempt in range(RECLAIM_ATTEMPTS):
+        if attempt > 1:
+            _time.sleep(0.001 * attempt)  # let a short-lived holder of the page finish
+        # Measured on 6.18: a MADV_PAGEOUT issued while another CPU's LRU batch still holds a
+        # freed page does not discard it and even cancels its lazy free.  So first drain the
+        # batches of every CPU (MADV_COLD drains the local ones), then page out from each CPU.
+        on_every_cpu(lambda: advise(MADV_COLD))
+        on_every_cpu(lambda: advise(MADV_PAGEOUT))
+        left = resident()
+        if left == 0:
+            break
+        # Rarely a page is still kept: reclaim cannot take a page another reclaimer holds
+        # isolated meanwhile (here: the kdamond of a DAMON paddr monitor with a pageout scheme,
+        # seen holding pages off the LRU for seconds), and MADV_FREE skips such a page.  The
+        # range is unlocked, so free it again (what unlock did) and retry a few times; what is
+        # still kept after that is kept, and not counted.
+        advise(MADV_FREE)
+    return count - left, attempt + 1

@@ -15,6 +15,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"python    {platform.python_version()} ({sys.executable})")
     print(f"kernel    {platform.system()} {platform.release()} {platform.machine()}")
     print(f"page size {_core.page_size()} bytes")
+    try:
+        auto = backends.get("auto").name
+    except backends.BackendUnavailableError as error:
+        auto = f"none ({error})"
+    print(f"auto      {auto}")
     print("backends:")
     for info in backends.available():
         mark = "yes" if info.available else "no "

@@ -1,9 +1,10 @@
-"""The memory backends and what this machine supports of them."""
+"""The memory backends: a registry of name -> (probe, allocate), and what this machine supports."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from .. import _core
+from ..errors import BackendUnavailableError
 
 
 class BackendInfo(NamedTuple):
@@ -14,14 +15,102 @@ class BackendInfo(NamedTuple):
     reason: str
 
 
+class Backend(NamedTuple):
+    """A way to make discardable memory: a name, a probe of the machine, and a factory."""
+
+    name: str
+    probe: Callable[[], tuple[bool, str]]
+    allocate: Callable[[int], Any]
+    summary: str
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+# "auto" takes the first available of these; the others are chosen by name only.
+AUTO_ORDER = ("madvfree", "memfd", "ashmem")
+
+
+def register(backend: Backend) -> None:
+    """Add (or replace) a backend; the behavioural test suite then runs on it too."""
+    _REGISTRY[backend.name] = backend
+
+
+def names() -> list[str]:
+    """The names allocate() accepts, besides "auto"."""
+    return list(_REGISTRY)
+
+
 def available() -> list[BackendInfo]:
     """Every backend with whether it runs on this machine, probed by the system calls themselves."""
-    madv_free = _core.probe_madvise(_core.MADV_FREE_VALUE)
-    uffd = _core.probe_userfaultfd_sigbus()
-    sigbus_ok = madv_free[0] and uffd[0]
-    return [
-        BackendInfo("madvfree", *madv_free),
-        BackendInfo("madvfree-sigbus", sigbus_ok, uffd[1] if madv_free[0] else madv_free[1]),
-        BackendInfo("memfd", *_core.probe_memfd()),
-        BackendInfo("ashmem", *_core.probe_ashmem()),
-    ]
+    return [BackendInfo(b.name, *b.probe()) for b in _REGISTRY.values()]
+
+
+def get(name: str = "auto", *, sigbus: bool = False) -> Backend:
+    """The backend called name ("auto": the best available); raises if unknown or unavailable."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    if sigbus:
+        if name in ("auto", "madvfree"):
+            name = "madvfree-sigbus"
+        elif name != "madvfree-sigbus":
+            raise ValueError(f"sigbus=True needs the madvfree backend, not {name!r}")
+    if name == "auto":
+        reasons = []
+        for candidate in AUTO_ORDER:
+            ok, reason = _REGISTRY[candidate].probe()
+            if ok:
+                return _REGISTRY[candidate]
+            reasons.append(f"{candidate}: {reason}")
+        raise BackendUnavailableError("no backend runs here: " + "; ".join(reasons))
+    try:
+        backend = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown backend {name!r}; choose one of {['auto', *_REGISTRY]}") from None
+    ok, reason = backend.probe()
+    if not ok:
+        raise BackendUnavailableError(f"backend {name!r} is not available here: {reason}")
+    return backend
+
+
+def _cached(probe: Callable[[], tuple[bool, str]]) -> Callable[[], tuple[bool, str]]:
+    """Probe once per process: kernel features do not come and go."""
+    result: list[tuple[bool, str]] = []
+
+    def cached() -> tuple[bool, str]:
+        if not result:
+            result.append(probe())
+        return result[0]
+
+    return cached
+
+
+def _probe_madv_free() -> tuple[bool, str]:
+    ok, reason = _core.probe_madvise(_core.MADV_FREE_VALUE)
+    return ok, "madvise(MADV_FREE) works on private anonymous memory" if ok else reason
+
+
+_probe_madvfree = _cached(_probe_madv_free)
+_probe_uffd = _cached(_core.probe_userfaultfd_sigbus)
+
+
+def _probe_madvfree_sigbus() -> tuple[bool, str]:
+    madv_free = _probe_madvfree()
+    return _probe_uffd() if madv_free[0] else madv_free
+
+
+def _allocate_memfd(nbytes: int) -> Any:
+    from ..memory import MemfdMemory
+
+    return MemfdMemory(nbytes)
+
+
+register(Backend("madvfree", _probe_madvfree, _core.MadvFreeMemory,
+                 "private memory; unlock = MADV_FREE, lock detects discarded pages by cookie CAS"))
+register(Backend("madvfree-sigbus", _probe_madvfree_sigbus,
+                 lambda nbytes: _core.MadvFreeMemory(nbytes, sigbus=True),
+                 "madvfree + userfaultfd: accessors raise PurgedPageError on discarded pages"))
+register(Backend("memfd", _cached(_core.probe_memfd), _allocate_memfd,
+                 "memfd shared memory; purged by policy (punch hole), not by the kernel"))
+register(Backend("ashmem", _core.probe_ashmem, _core.AshmemMemory,
+                 "Android's /dev/ashmem; unlock = UNPIN, lock = PIN (WAS_PURGED for the range)"))

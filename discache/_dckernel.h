@@ -1,0 +1,308 @@
+/* C helpers of discache's compiled core that Cython cannot express: atomics on page words,
+ * userfaultfd ioctls, and SIGBUS-guarded accesses (sigsetjmp must live in the frame that
+ * does the access, so the guarded loops are written here).  Declared in _kernel.pxd / _uffd.pxd. */
+#ifndef DISCACHE_DCKERNEL_H
+#define DISCACHE_DCKERNEL_H
+
+#include <errno.h>
+#include <fcntl.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <linux/userfaultfd.h>
+
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
+#ifndef F_ADD_SEALS
+#define F_ADD_SEALS 1033
+#define F_GET_SEALS 1034
+#endif
+#ifndef F_SEAL_SEAL
+#define F_SEAL_SEAL 0x0001
+#endif
+#ifndef F_SEAL_SHRINK
+#define F_SEAL_SHRINK 0x0002
+#define F_SEAL_GROW 0x0004
+#endif
+#ifndef MFD_ALLOW_SEALING
+#define MFD_ALLOW_SEALING 0x0002U
+#endif
+
+/* The word an unlocked madvfree page carries in its first 8 bytes.  A page the kernel discarded
+ * reads back as zero, so the cookie must be non-zero. */
+#define DC_COOKIE 1ULL
+
+/* ---- atomics on words that live in (possibly shared) pages ---- */
+
+static inline uint64_t dc_load_u64(uint64_t *word) {
+    return __atomic_load_n(word, __ATOMIC_ACQUIRE);
+}
+
+/* Compare-and-swap; returns the value found (equal to `expected` on success). */
+static inline uint64_t dc_cas_u64(uint64_t *word, uint64_t expected, uint64_t desired) {
+    __atomic_compare_exchange_n(word, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    return expected;
+}
+
+/* Chromium's MADV_FREE scheme, unlock half: keep each page's first word, put the cookie there. */
+static void dc_cookie_unlock(char *base, size_t npages, size_t page, uint64_t *saved) {
+    for (size_t i = 0; i < npages; i++) {
+        uint64_t *word = (uint64_t *)(base + i * page);
+        saved[i] = *word;
+        __atomic_store_n(word, DC_COOKIE, __ATOMIC_RELAXED);
+    }
+}
+
+/* Lock half: swap the cookie back for the saved word.  The read-modify-write re-dirties the page,
+ * which cancels the lazy free, with no window between the check and the restore.  A discarded page
+ * reads zero, the swap fails, and the page counts as purged.  Returns the number purged. */
+static size_t dc_cookie_lock(char *base, size_t npages, size_t page, const uint64_t *saved) {
+    size_t purged = 0;
+    for (size_t i = 0; i < npages; i++) {
+        uint64_t expected = DC_COOKIE;
+        if (!__atomic_compare_exchange_n((uint64_t *)(base + i * page), &expected, saved[i], 0,
+                                         __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            purged++;
+    }
+    return purged;
+}
+
+/* ---- userfaultfd ---- */
+
+static int dc_uffd_open_sigbus(void) {
+    long fd = syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0 && errno == EPERM)
+        fd = syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
+    if (fd < 0)
+        return -1;
+    struct uffdio_api api;
+    memset(&api, 0, sizeof api);
+    api.api = UFFD_API;
+    api.features = UFFD_FEATURE_SIGBUS;
+    if (ioctl((int)fd, UFFDIO_API, &api) != 0) {
+        int err = errno;
+        close((int)fd);
+        errno = err;
+        return -1;
+    }
+    return (int)fd;
+}
+
+static int dc_uffd_register_missing(int fd, void *addr, size_t len) {
+    struct uffdio_register reg;
+    memset(&reg, 0, sizeof reg);
+    reg.range.start = (uintptr_t)addr;
+    reg.range.len = len;
+    reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+    return ioctl(fd, UFFDIO_REGISTER, &reg);
+}
+
+/* Map the zero page where pages are missing in [addr, addr+len), so that they stop raising
+ * SIGBUS.  Returns how many pages it filled: all of them, or those before the first page that is
+ * there after all (EEXIST); -1 with errno on failure. */
+static long dc_uffd_zero_fill(int fd, char *addr, size_t len, size_t page) {
+    struct uffdio_zeropage zp;
+    memset(&zp, 0, sizeof zp);
+    zp.range.start = (uintptr_t)addr;
+    zp.range.len = len;
+    if (ioctl(fd, UFFDIO_ZEROPAGE, &zp) == 0)
+        return (long)(len / page);
+    if (errno == EEXIST || errno == EAGAIN)
+        return zp.zeropage > 0 ? (long)(zp.zeropage / (long long)page) : 0;
+    return -1;
+}
+
+/* Fill every missing page of pages [first, npages), found with mincore, one ioctl per run of
+ * missing pages.  Returns how many pages it filled, or -1 with errno. */
+static long dc_uffd_fill_missing(int fd, char *base, size_t first, size_t npages, size_t page,
+                                 unsigned char *vec) {
+    long filled = 0, done;
+    size_t run, j;
+    if (mincore(base + first * page, (npages - first) * page, vec) != 0)
+        return dc_uffd_zero_fill(fd, base + first * page, page, page);
+    for (j = first; j < npages; j++) {
+        if (vec[j - first] & 1)
+            continue;
+        for (run = 1; j + run < npages && !(vec[j + run - first] & 1); run++)
+            ;
+        done = dc_uffd_zero_fill(fd, base + j * page, run * page, page);
+        if (done < 0)
+            return -1;
+        filled += done;
+        j += run - 1;
+    }
+    return filled;
+}
+
+/* ---- Android ashmem (the uapi header is not installed on mainline Linux) ---- */
+
+struct dc_ashmem_pin {
+    uint32_t offset;
+    uint32_t len;
+};
+#define DC_ASHMEM_SET_NAME _IOW(0x77, 1, char[256])
+#define DC_ASHMEM_SET_SIZE _IOW(0x77, 3, size_t)
+#define DC_ASHMEM_PIN _IOW(0x77, 7, struct dc_ashmem_pin)
+#define DC_ASHMEM_UNPIN _IOW(0x77, 8, struct dc_ashmem_pin)
+#define DC_ASHMEM_GET_PIN_STATUS _IO(0x77, 9)
+#define DC_ASHMEM_PURGE_ALL_CACHES _IO(0x77, 10)
+#define DC_ASHMEM_WAS_PURGED 1
+
+/* PIN/UNPIN of [offset, offset+len) (len 0: to the end); PIN returns ASHMEM_WAS_PURGED or
+ * ASHMEM_NOT_PURGED, or -1 with errno. */
+static int dc_ashmem_pin(int fd, unsigned long request, uint32_t offset, uint32_t len) {
+    struct dc_ashmem_pin pin;
+    pin.offset = offset;
+    pin.len = len;
+    return ioctl(fd, request, &pin);
+}
+
+/* ---- SIGBUS guard ----
+ * A guarded access arms a per-thread jump buffer and the address range it may fault in.  The
+ * handler jumps back only for a fault inside that range while armed; any other SIGBUS goes to the
+ * handler that was installed before ours (faulthandler under pytest), or to the default action.
+ * initial-exec TLS: the handler must not allocate a TLS block from signal context. */
+#define DC_TLS __thread __attribute__((tls_model("initial-exec")))
+static DC_TLS sigjmp_buf *dc_guard_env;
+static DC_TLS uintptr_t dc_guard_lo;
+static DC_TLS uintptr_t dc_guard_hi;
+static DC_TLS uintptr_t dc_fault_addr;
+static struct sigaction dc_prev_sigbus;
+
+static void dc_on_sigbus(int sig, siginfo_t *info, void *ucontext) {
+    sigjmp_buf *env = dc_guard_env;
+    uintptr_t addr = (uintptr_t)info->si_addr;
+    if (env != NULL && info->si_code > 0 && addr >= dc_guard_lo && addr < dc_guard_hi) {
+        dc_guard_env = NULL;
+        dc_fault_addr = addr;
+        siglongjmp(*env, 1);
+    }
+    if (dc_prev_sigbus.sa_flags & SA_SIGINFO) {
+        if (dc_prev_sigbus.sa_sigaction != NULL) {
+            dc_prev_sigbus.sa_sigaction(sig, info, ucontext);
+            return;
+        }
+    } else if (dc_prev_sigbus.sa_handler == SIG_IGN) {
+        return;
+    } else if (dc_prev_sigbus.sa_handler != SIG_DFL) {
+        dc_prev_sigbus.sa_handler(sig);
+        return;
+    }
+    /* Default action: restore it; a fault re-executes and dies as it would have without us,
+     * a signal sent by kill() is raised again. */
+    signal(sig, SIG_DFL);
+    if (info->si_code <= 0)
+        raise(sig);
+}
+
+/* Install the handler unless it is already the current one; 0 or -1 with errno. */
+static int dc_install_sigbus_handler(void) {
+    struct sigaction current, ours;
+    if (sigaction(SIGBUS, NULL, &current) != 0)
+        return -1;
+    if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == dc_on_sigbus)
+        return 0;
+    dc_prev_sigbus = current;
+    memset(&ours, 0, sizeof ours);
+    ours.sa_sigaction = dc_on_sigbus;
+    ours.sa_flags = SA_SIGINFO | SA_NODEFER;  /* NODEFER: we leave by siglongjmp(env, 0-mask) */
+    sigemptyset(&ours.sa_mask);
+    return sigaction(SIGBUS, &ours, NULL);
+}
+
+static int dc_sigbus_handler_installed(void) {
+    struct sigaction current;
+    if (sigaction(SIGBUS, NULL, &current) != 0)
+        return 0;
+    return (current.sa_flags & SA_SIGINFO) && current.sa_sigaction == dc_on_sigbus;
+}
+
+static inline void dc_arm(sigjmp_buf *env, uintptr_t lo, uintptr_t hi) {
+    dc_guard_lo = lo;
+    dc_guard_hi = hi;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    dc_guard_env = env;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+}
+
+static inline void dc_disarm(void) {
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    dc_guard_env = NULL;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+}
+
+/* memcpy that reports a SIGBUS inside [lo, hi) instead of dying: 0, or -1 with *fault set. */
+static int dc_guarded_copy(void *dst, const void *src, size_t n,
+                           uintptr_t lo, uintptr_t hi, uintptr_t *fault) {
+    sigjmp_buf env;
+    if (sigsetjmp(env, 0)) {
+        *fault = dc_fault_addr;
+        return -1;
+    }
+    dc_arm(&env, lo, hi);
+    memcpy(dst, src, n);
+    dc_disarm();
+    return 0;
+}
+
+/* Read one byte of each page of [start, start + npages * page): does not re-dirty the pages.
+ * 0 when every page is there, or -1 with *fault set at the first purged one. */
+static int dc_guarded_probe(char *start, size_t npages, size_t page, uintptr_t *fault) {
+    sigjmp_buf env;
+    if (sigsetjmp(env, 0)) {
+        *fault = dc_fault_addr;
+        return -1;
+    }
+    dc_arm(&env, (uintptr_t)start, (uintptr_t)start + npages * page);
+    for (size_t i = 0; i < npages; i++)
+        (void)*(volatile char *)(start + i * page);
+    dc_disarm();
+    return 0;
+}
+
+/* Lock in SIGBUS mode: an atomic read-modify-write of each page's first word re-dirties it (the
+ * lazy free is cancelled); a page the kernel discarded faults instead.  On the first fault, every
+ * missing page from there on is found with mincore and filled with the zero page through the
+ * userfaultfd (one ioctl per run); a later fault (a page discarded meanwhile) fills that page.
+ * The count is of pages filled, so a page is counted once.  vec: npages bytes for mincore.
+ * Returns the number of purged pages, or -1 with errno when a purged page cannot be filled. */
+static long dc_sigbus_lock(char *base, size_t npages, size_t page, int uffd, unsigned char *vec) {
+    volatile size_t i = 0;
+    volatile long purged = 0;
+    volatile int refaults = 0;
+    volatile int swept = 0;
+    long filled;
+    sigjmp_buf env;
+    if (sigsetjmp(env, 0)) {
+        if (++refaults > 2)
+            return errno = EFAULT, -1;
+        if (!swept && vec != NULL) {
+            swept = 1;
+            filled = dc_uffd_fill_missing(uffd, base, i, npages, page, vec);
+        } else {
+            filled = dc_uffd_zero_fill(uffd, base + i * page, page, page);
+        }
+        if (filled < 0)
+            return -1;
+        purged += filled;
+    }
+    dc_arm(&env, (uintptr_t)base, (uintptr_t)base + npages * page);
+    for (; i < npages; i++) {
+        uint64_t *word = (uint64_t *)(base + i * page);
+        uint64_t seen = __atomic_load_n(word, __ATOMIC_RELAXED);
+        while (!__atomic_compare_exchange_n(word, &seen, seen, 0,
+                                            __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            ;
+        refaults = 0;
+    }
+    dc_disarm();
+    return purged;
+}
+
+#endif

@@ -1,0 +1,25 @@
+from libc.stdint cimport uint64_t, uint8_t
+
+
+cdef class Segment:
+    cdef char *base
+    cdef size_t page
+    cdef readonly Py_ssize_t npages
+    cdef readonly Py_ssize_t nbytes
+    cdef readonly str kind          # "madvfree" or "memfd"
+    cdef int fd                     # the memfd, or -1
+    cdef uint64_t *saved            # madvfree: each unlocked page's first word (the cookie's place)
+    cdef uint8_t *lost              # memfd: pages discarded by discard_span since their last lock
+    cdef Py_ssize_t exports         # live buffers of the mapping: close() waits for them
+    cdef object __weakref__
+
+    cdef int _check_span(self, Py_ssize_t first, Py_ssize_t count) except -1
+    cdef int _check_open(self) except -1
+    cdef int _unlock(self, Py_ssize_t first, Py_ssize_t count) except -1
+
+
+cdef class SpanBuffer:
+    cdef Segment segment            # keeps the mapping alive while views exist
+    cdef Py_ssize_t offset
+    cdef Py_ssize_t size
+    cdef readonly Py_ssize_t exports

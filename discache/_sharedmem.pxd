@@ -1,0 +1,23 @@
+from libc.stdint cimport uint64_t
+
+
+cdef class DiscardableSharedMemory:
+    cdef int fd                     # the memfd, -1 once closed
+    cdef char *base                 # header page, then the data pages
+    cdef size_t mapped              # bytes mapped: one header page + npages
+    cdef size_t page
+    cdef uint64_t *state            # the shared state word: lock bit | timestamp << 1
+    cdef readonly Py_ssize_t nbytes
+    cdef readonly Py_ssize_t npages
+    cdef unsigned char *page_locked # per page: locked by this instance
+    cdef Py_ssize_t locked_pages    # how many pages this instance holds locked
+    cdef uint64_t last_usage        # microseconds; 0 is Chromium's null time
+    cdef Py_ssize_t exports
+    cdef bint busy                  # a punch-hole runs without the GIL; close() must wait
+    cdef object __weakref__
+
+    cdef int _map(self, int fd, Py_ssize_t nbytes, bint create) except -1
+    cdef int _check_open(self) except -1
+    cdef int _check_range(self, object offset, object length,
+                          Py_ssize_t *first, Py_ssize_t *end) except -1
+    cdef int _punch(self) except -1

@@ -1,0 +1,307 @@
+# Chromium's DiscardableSharedMemory on a memfd.  Page 0 is a header whose first word is the
+# shared state: bit 0 = locked, bits 1..63 = the time of the last unlock in microseconds (zero
+# while locked and after a purge).  It changes only by compare-and-swap, so any number of
+# processes mapping the memfd agree on it.  Purging punches a hole: the pages read back as zeros.
+# Included by _core.pyx; declared in _sharedmem.pxd.
+
+import enum as _enum
+import time as _time
+
+from cpython.buffer cimport PyBuffer_FillInfo
+from libc.stdlib cimport calloc, free
+from libc.string cimport memset
+
+
+cdef uint64_t SHARED_MAGIC = 0x4D48534843414344
+cdef uint64_t STATE_LOCKED = 1
+cdef int SEALS = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL
+
+
+class LockResult(_enum.IntEnum):
+    """Outcome of DiscardableSharedMemory.lock(), as in Chromium."""
+
+    SUCCESS = 0   # locked, contents intact
+    PURGED = 1    # locked, but the pages were purged: they read as zeros, refill them
+    FAILED = 2    # not locked: purged since this instance last looked, or locked elsewhere
+
+
+cdef inline uint64_t _usage_now():
+    return <uint64_t>(_time.time_ns() // 1000)
+
+
+cdef inline uint64_t _usage_from(object now) except? 0:
+    if now is None:
+        return _usage_now()
+    if now <= 0:
+        raise ValueError(f"now must be a positive time in seconds, got {now!r}")
+    return <uint64_t>round(now * 1_000_000)
+
+
+cdef class DiscardableSharedMemory:
+    """Discardable memory shared between processes through a memfd (Chromium's design)."""
+
+    def __cinit__(self):
+        self.fd = -1
+
+    def __init__(self):
+        raise TypeError("use DiscardableSharedMemory.create(nbytes) or .open(fd, nbytes)")
+
+    @classmethod
+    def create(cls, nbytes) -> DiscardableSharedMemory:
+        """A new segment of nbytes, locked by this instance."""
+        cdef DiscardableSharedMemory self = cls.__new__(cls)
+        cdef Py_ssize_t n = _check_nbytes(nbytes)
+        cdef int fd = memfd_create(b"discache-shared", MFD_CLOEXEC | MFD_ALLOW_SEALING)
+        if fd < 0:
+            raise _oserror(errno, "memfd_create")
+        self.fd = fd
+        self._map(fd, n, True)
+        return self
+
+    @classmethod
+    def open(cls, fd, nbytes) -> DiscardableSharedMemory:
+        """Map a segment made by create() in any process; fd is duplicated, not taken over."""
+        cdef DiscardableSharedMemory self = cls.__new__(cls)
+        cdef Py_ssize_t n = _check_nbytes(nbytes)
+        cdef int own
+        cdef int raw = _operator.index(fd)
+        if raw < 0:
+            raise ValueError(f"fd {fd} is not an open file descriptor")
+        own = dup(raw)
+        if own < 0:
+            raise ValueError(f"fd {raw} is not an open file descriptor: {_os.strerror(errno)}")
+        self.fd = own
+        self._map(own, n, False)
+        return self
+
+    cdef int _map(self, int fd, Py_ssize_t nbytes, bint create) except -1:
+        cdef stat info
+        cdef void *mapping
+        cdef int seals
+        cdef uint64_t *header
+        self.page = sysconf(_SC_PAGESIZE)
+        self.nbytes = nbytes
+        self.npages = (nbytes + self.page - 1) // self.page
+        self.mapped = (self.npages + 1) * self.page
+        if create:
+            if ftruncate(fd, self.mapped) != 0:
+                raise _oserror(errno, "ftruncate of the memfd")
+            # Sealed size: no process can shrink the file under another's mapping (SIGBUS).
+            if fcntl(fd, F_ADD_SEALS, SEALS) != 0:
+                raise _oserror(errno, "sealing the memfd")
+        else:
+            if fstat(fd, &info) != 0:
+                raise ValueError(f"fd {fd} cannot be examined: {_os.strerror(errno)}")
+            seals = fcntl(fd, F_GET_SEALS)
+            if not S_ISREG(info.st_mode) or seals < 0 or (seals & SEALS) != SEALS:
+                raise ValueError("fd is not a discache shared memory segment (a sealed memfd)")
+            if <size_t>info.st_size != self.mapped:
+                raise ValueError(f"fd holds a segment of {info.st_size - self.page} bytes "
+                                 f"(page-rounded), not {nbytes}")
+        mapping = mmap(NULL, self.mapped, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        if mapping == MAP_FAILED:
+            raise _oserror(errno, "mmap of the memfd")
+        self.base = <char *>mapping
+        header = <uint64_t *>self.base
+        self.state = header
+        if create:
+            header[1] = SHARED_MAGIC
+            header[2] = nbytes
+            header[0] = STATE_LOCKED  # created locked, with a null timestamp
+        elif header[1] != SHARED_MAGIC or header[2] != <uint64_t>nbytes:
+            munmap(self.base, self.mapped)
+            self.base = NULL
+            raise ValueError(f"fd is not a discache shared segment of {nbytes} bytes")
+        else:
+            # Start from the state as it is now: unlocked since t -> t; locked or purged -> null.
+            self.last_usage = dc_load_u64(self.state) >> 1
+        self.page_locked = <unsigned char *>calloc(self.npages, 1)
+        if self.page_locked == NULL:
+            raise MemoryError()
+        if create:
+            memset(self.page_locked, 1, self.npages)
+            self.locked_pages = self.npages
+        return 0
+
+    def __dealloc__(self):
+        if self.base != NULL:
+            munmap(self.base, self.mapped)
+        if self.fd >= 0:
+            close(self.fd)
+        free(self.page_locked)
+
+    cdef int _check_open(self) except -1:
+        if self.base == NULL:
+            raise ValueError("shared memory is closed")
+        if self.busy:
+            raise RuntimeError("shared memory is being purged by another thread")
+        return 0
+
+    cdef int _check_range(self, object offset, object length,
+                          Py_ssize_t *first, Py_ssize_t *end) except -1:
+        cdef object off = _operator.index(offset)
+        cdef object size = _operator.index(length)
+        cdef object limit = self.npages * self.page
+        if off < 0 or size < 0 or off % self.page or size % self.page:
+            raise ValueError(f"offset and length must be non-negative multiples of the page "
+                             f"size {self.page}, got offset={off}, length={size}")
+        if size == 0:
+            size = limit - off
+        if off >= limit or size <= 0 or off + size > limit:
+            raise ValueError(f"range [{off}, {off}+{size}) is outside the {limit} bytes "
+                             "(page-rounded) of the segment")
+        first[0] = off // self.page
+        end[0] = (off + size) // self.page
+        return 0
+
+    def lock(self, offset=0, length=0) -> LockResult:
+        """Lock pages [offset, offset+length) (0: to the end): SUCCESS, PURGED or FAILED."""
+        cdef Py_ssize_t first, end, i
+        cdef uint64_t expected, found
+        cdef bint purged = False
+        self._check_open()
+        self._check_range(offset, length, &first, &end)
+        for i in range(first, end):
+            if self.page_locked[i]:
+                raise RuntimeError(f"page {i} is already locked by this instance")
+        if self.locked_pages == 0:
+            # Only the first lock takes the shared lock bit; it needs the state this instance
+            # last saw, so a purge (or another unlock) in between makes it fail.
+            expected = self.last_usage << 1
+            found = dc_cas_u64(self.state, expected, STATE_LOCKED)
+            if found != expected:
+                self.last_usage = found >> 1
+                return LockResult.FAILED
+            purged = self.last_usage == 0
+        for i in range(first, end):
+            self.page_locked[i] = 1
+        self.locked_pages += end - first
+        return LockResult.PURGED if purged else LockResult.SUCCESS
+
+    def unlock(self, offset=0, length=0) -> None:
+        """Unlock pages [offset, offset+length) (0: to the end) that this instance locked."""
+        cdef Py_ssize_t first, end, i
+        cdef uint64_t now, found
+        self._check_open()
+        self._check_range(offset, length, &first, &end)
+        for i in range(first, end):
+            if not self.page_locked[i]:
+                raise RuntimeError(f"page {i} is not locked by this instance")
+        if self.locked_pages == end - first:
+            now = _usage_now()
+            found = dc_cas_u64(self.state, STATE_LOCKED, now << 1)
+            if found != STATE_LOCKED:
+                raise RuntimeError("the shared state is not locked: another process unlocked "
+                                   "or corrupted it")
+            self.last_usage = now
+        for i in range(first, end):
+            self.page_locked[i] = 0
+        self.locked_pages -= end - first
+
+    def purge(self, now=None) -> bool:
+        """Free the pages if unlocked and unused since last_known_usage; False refreshes it."""
+        cdef uint64_t usage = _usage_from(now)
+        cdef uint64_t expected, found
+        self._check_open()
+        expected = self.last_usage << 1
+        found = dc_cas_u64(self.state, expected, 0)
+        if found != expected:
+            # Locked: remember `now`, so a caller can tell "locked" from "stale".
+            self.last_usage = usage if found & STATE_LOCKED else found >> 1
+            return False
+        self.last_usage = 0
+        self._punch()
+        return True
+
+    cdef int _punch(self) except -1:
+        cdef int rc
+        self.busy = True
+        with nogil:
+            rc = fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                           self.page, self.npages * self.page)
+        self.busy = False
+        if rc != 0:
+            raise _oserror(errno, "fallocate(PUNCH_HOLE) on the memfd")
+        return 0
+
+    def is_memory_resident(self) -> bool:
+        """False once purged (until locked again)."""
+        cdef uint64_t state
+        self._check_open()
+        state = dc_load_u64(self.state)
+        return bool(state & STATE_LOCKED) or (state >> 1) != 0
+
+    def is_memory_locked(self) -> bool:
+        """True while any instance, in any process, holds the lock."""
+        self._check_open()
+        return bool(dc_load_u64(self.state) & STATE_LOCKED)
+
+    @property
+    def last_known_usage(self) -> float | None:
+        """Seconds since the epoch of the last unlock this instance saw; None if purged/locked."""
+        return self.last_usage / 1e6 if self.last_usage else None
+
+    @property
+    def locked_page_count(self) -> int:
+        """How many pages this instance holds locked."""
+        return self.locked_pages
+
+    @property
+    def closed(self) -> bool:
+        """True once close() has run."""
+        return self.base == NULL
+
+    @property
+    def exports(self) -> int:
+        """Live buffer exports of the data (views that close() waits for)."""
+        return self.exports
+
+    def fileno(self) -> int:
+        """The memfd, to pass to another process (with DiscardableSharedMemory.open)."""
+        self._check_open()
+        return self.fd
+
+    @property
+    def data(self) -> memoryview:
+        """Writable memoryview of the nbytes; meaningful only for pages locked by someone."""
+        self._check_open()
+        return memoryview(self)
+
+    def __getbuffer__(self, Py_buffer *buffer, int flags):
+        self._check_open()
+        PyBuffer_FillInfo(buffer, self, self.base + self.page, self.nbytes, 0, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buffer):
+        self.exports -= 1
+
+    def _force_reclaim(self) -> int:
+        """Purge now if nobody holds the lock; returns the number of pages freed."""
+        self._check_open()
+        if self.purge() or self.purge():
+            return self.npages
+        return 0
+
+    def close(self) -> None:
+        """Unmap and close this instance's fd; other processes keep the segment."""
+        if self.base == NULL:
+            return
+        self._check_open()
+        if self.exports:
+            raise BufferError(f"{self.exports} buffer(s) of the data are still alive; "
+                              "release them first")
+        munmap(self.base, self.mapped)
+        self.base = NULL
+        self.state = NULL
+        close(self.fd)
+        self.fd = -1
+
+    def __enter__(self) -> DiscardableSharedMemory:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<DiscardableSharedMemory nbytes={self.nbytes} fd={self.fd} "
+                f"{'closed' if self.base == NULL else f'{self.locked_pages} pages locked here'}>")
