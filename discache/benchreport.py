@@ -28,6 +28,7 @@ SIM_OPS = ("MADV_NONVOLATILE", "mark", "fault in", "fork+exit", "reclaim 4096")
 ROUNDTRIP_BASELINES = ("bare mmap.madvise(MADV_FREE), dirty pages",
                        "bare mmap.madvise(MADV_FREE), clean pages")
 
+PAGE_SIZE = 4096  # for sizes given in bytes; the report may be made on another machine
 Bench = dict  # one entry of pytest-benchmark's "benchmarks" list
 Series = dict  # label -> {pages: seconds}
 
@@ -57,8 +58,8 @@ def group_of(bench: Bench) -> str:
     """The report group of one benchmark, from its extra_info ('other' when none fits)."""
     info = bench.get("extra_info") or {}
     op = str(info.get("op", ""))
-    if "cache" in info:
-        return "cache"
+    if "cache" in info or "impl" in info or op.startswith("cache"):
+        return "cache"  # before "backend": a DiscardableCache benchmark names its backend too
     if "backend" in info:
         return "roundtrip"
     if op in PAGETABLE_OPS and "strategy" in info and "pages" in info:
@@ -126,7 +127,7 @@ def size_table(headers: list[str], rows: dict[tuple, dict[int, float]],
                baseline: Callable[[tuple], tuple | None], flatness: bool = False) -> list[str]:
     """Cost by pages per row; a cell reads 'cost (ratio)' where the row's baseline has that size."""
     sizes = sorted({p for by_size in rows.values() for p in by_size})
-    head = headers + [pages_header(s) for s in sizes] + (["largest / smallest"] if flatness else [])
+    head = [*headers, *map(pages_header, sizes), *(["largest / smallest"] if flatness else [])]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in sorted(rows, key=lambda k: tuple(map(str, k))):
         by_size = rows[key]
@@ -167,7 +168,8 @@ def unmark_section(benches: list[Bench]) -> tuple[list[str], dict[str, dict[str,
                           lambda k: (k[0], k[1], "walk") if k[2] != "walk" else None,
                           flatness=True)
     if pairs:
-        out += ([""] if out else []) + ["| strategy | 1-page mark+unmark pairs per second |", "|---|---|"]
+        out += [""] if out else []
+        out += ["| strategy | 1-page mark+unmark pairs per second |", "|---|---|"]
         out += [f"| {s} | {fmt_rate(rate, 'pair')} |" for s, rate in sorted(pairs.items())]
     panels: dict[str, dict[str, Series]] = defaultdict(dict)
     for (op, purged, strategy), by_size in rows.items():
@@ -208,18 +210,36 @@ def roundtrip_section(benches: list[Bench]) -> tuple[list[str], dict[str, dict[s
     return out, panels
 
 
+def cache_key(info: dict) -> tuple[str, str, int]:
+    """(op, implementation, size in pages) of a cache benchmark; sizes may be given in bytes."""
+    impl = str(info.get("impl", info.get("cache", "?")))
+    if "pages" in info:
+        pages = info["pages"]
+    else:
+        pages = max(1, -(-int(info.get("nbytes", PAGE_SIZE)) // PAGE_SIZE))
+    return str(info.get("op", "cache hit")), impl, pages
+
+
 def cache_section(benches: list[Bench]) -> tuple[list[str], dict[str, dict[str, Series]]]:
-    """Cache hits by value size, against cachetools.LRUCache."""
+    """Cache hits (and relocks) by value size, against cachetools.LRUCache's hit."""
     rows: dict[tuple, dict[int, float]] = defaultdict(dict)
     for b in benches:
-        info = b["extra_info"]
-        rows[(info.get("op", "cache hit"), info["cache"])][info.get("pages", 1)] = median(b)
+        op, impl, pages = cache_key(b["extra_info"])
+        rows[(op, impl)][pages] = median(b)
     base_name = "cachetools.LRUCache"
-    out = ["Median cost of one hit by value size. In parentheses: the ratio to "
-           f"`{base_name}` for the same op and size.", ""]
-    out += size_table(["op", "cache"], rows,
-                      lambda k: (k[0], base_name) if k[1] != base_name else None)
-    panels = {"cache hit": {cache: by_size for (op, cache), by_size in rows.items()}}
+    bases = [k for k in rows if k[1] == base_name]
+
+    def baseline(key):
+        if key[1] == base_name or not bases:
+            return None
+        return (key[0], base_name) if (key[0], base_name) in rows else sorted(bases)[0]
+
+    out = ["Median cost of one lookup by value size. In parentheses: the ratio to "
+           f"`{base_name}`'s hit (same op where it has one) at the same size.", ""]
+    out += size_table(["op", "implementation"], rows, baseline)
+    panels: dict[str, dict[str, Series]] = defaultdict(dict)
+    for (op, impl), by_size in rows.items():
+        panels[op][impl] = by_size
     return out, panels
 
 
@@ -304,7 +324,8 @@ SECTIONS = {
                "bench/bench_pagetable.py"),
     "roundtrip": ("Lock/unlock roundtrip by backend, against the bare stdlib madvise",
                   roundtrip_section, "bench/bench_backends.py"),
-    "cache": ("Cache hit against cachetools.LRUCache and functools.lru_cache", cache_section,
+    "cache": ("Cache hit: DiscardableCache against cachetools.LRUCache and functools.lru_cache",
+              cache_section,
               "bench/bench_cache.py"),
     "sim": ("Simulated kernel: madvise cost and throughput", sim_section, "bench/bench_sim.py"),
     "other": ("Other benchmarks", other_section, ""),
@@ -407,7 +428,10 @@ def write_report(data: dict, out_dir: str | os.PathLike, plots: bool = True) -> 
             continue
         body, panels = section(benches)
         lines += [f"## {title}", "", *body, ""]
-        if plots and any(len(s) for series in panels.values() for s in series.values()):
+        # a cost against range size needs two sizes at least
+        panels = {name: series for name, series in panels.items()
+                  if len({p for by_size in series.values() for p in by_size}) > 1}
+        if plots and panels:
             png = f"{name}.png"
             plot_group(out / png, title, panels,
                        "value size (pages)" if name == "cache" else "range size (pages)")

@@ -38,10 +38,18 @@ def every_group() -> list[dict]:
                              cache="cachetools.LRUCache", pages=pages))
         benches.append(entry(f"hit-lru-{pages}", 50e-9, op="cache hit",
                              cache="functools.lru_cache", pages=pages))
-    benches.append(entry("sim-walk", 4e-6, op="MADV_NONVOLATILE", strategy="walk", pages=64,
-                         pte_visits=64))
-    benches.append(entry("sim-token", 1e-6, op="MADV_NONVOLATILE", strategy="token", pages=64,
-                         pte_visits=0))
+    # bench_cache.py's own keys: impl, nbytes, and a backend that must not make it a roundtrip
+    benches.append(entry("dc-hit", 100e-9, op="cache-hit", impl="DiscardableCache[memfd]",
+                         backend="memfd", nbytes=4096))
+    benches.append(entry("ct-hit", 400e-9, op="cache-hit", impl="cachetools.LRUCache",
+                         nbytes=4096))
+    benches.append(entry("dc-relock", 2e-6, op="cache-relock", impl="DiscardableCache[memfd]",
+                         backend="memfd", nbytes=4096))
+    for pages, walk in ((64, 4e-6), (4096, 100e-6)):
+        benches.append(entry(f"sim-walk-{pages}", walk, op="MADV_NONVOLATILE", strategy="walk",
+                             pages=pages, pte_visits=pages))
+        benches.append(entry(f"sim-token-{pages}", 1e-6, op="MADV_NONVOLATILE",
+                             strategy="token", pages=pages, pte_visits=0))
     benches.append(entry("fault", 2e-3, op="fault in", pages=65536))
     benches.append(entry("mystery", 3e-3, op="something new"))
     benches.append(entry("sizeless", 1e-3, op="unmark", strategy="token"))  # no pages: "other"
@@ -72,11 +80,19 @@ def test_every_group_gets_its_table_ratios_and_plot(tmp_path):
     assert "baseline `bare mmap.madvise(MADV_FREE), dirty pages`" in md
     assert rows_of(md, "cache hit")[1] == ["cache hit", "functools.lru_cache", "50 ns (0.25x)",
                                            "50 ns (0.25x)"]
-    assert ["unmark", "token", "1.00 us (0.25x)"] in rows_of(md, "unmark")
+    assert ["unmark", "token", "1.00 us (0.25x)", "1.00 us (0.01x)"] in rows_of(md, "unmark")
+    assert ["unmark", "walk", "64", "4096"] in rows_of(md, "unmark"), "pages visited"
     assert "| fault in | pages=65536 | 2.00 ms | 32.77 Mpage/s |" in md
     assert "| bench/x.py::mystery | op=something new | 3.00 ms |" in md
     assert "| bench/x.py::sizeless | op=unmark, strategy=token | 1.00 ms |" in md
     assert "| mark | design=madv_free | 1.00 ms | 1.00 krun/s |" in md
+    assert rows_of(md, "cache-hit") == [
+        ["cache-hit", "DiscardableCache[memfd]", "100 ns (0.25x)", ""],
+        ["cache-hit", "cachetools.LRUCache", "400 ns", ""]]
+    # no cachetools relock: the ratio is to the first cachetools hit row ("cache hit", 200 ns)
+    assert rows_of(md, "cache-relock") == [["cache-relock", "DiscardableCache[memfd]",
+                                            "2.00 us (10.0x)", ""]]
+    assert "memfd" not in md.split("## Lock/unlock")[1].split("## Cache")[0]
     for png in ("unmark.png", "roundtrip.png", "cache.png", "sim.png"):
         assert f"]({png})" in md
         data = (tmp_path / png).read_bytes()
@@ -170,18 +186,20 @@ def test_report_script_prints_the_tables(tmp_path):
     assert not list(tmp_path.glob("*.png"))
 
 
-def test_keep_rounds_run_of_the_cache_baselines(tmp_path, capsys):
+def test_keep_rounds_run_of_the_cache_benchmarks(tmp_path, capsys):
     """A real run of bench/bench_cache.py that keeps every round's time in the JSON."""
     out = tmp_path / "report"
     rc = cli.main(["bench", "--only", "cache", "--quick", "--keep-rounds", "--out", str(out),
                    "--bench-dir", str(ROOT / "bench")])
     assert rc == 0, capsys.readouterr().err
     data = json.loads((out / "bench.json").read_text())
-    assert {b["extra_info"]["cache"] for b in data["benchmarks"]} == {
-        "cachetools.LRUCache", "functools.lru_cache"}
+    impls = {b["extra_info"]["impl"] for b in data["benchmarks"]}
+    assert {"cachetools.LRUCache", "functools.lru_cache"} < impls
     assert all(len(b["stats"]["data"]) == b["stats"]["rounds"] for b in data["benchmarks"])
     md = (out / "report.md").read_text()
-    assert len(rows_of(md, "cache hit")) == 2
+    assert {r[1] for r in rows_of(md, "cache-hit")} == {
+        i for b in data["benchmarks"] if b["extra_info"]["op"] == "cache-hit"
+        for i in [b["extra_info"]["impl"]]}
     assert "No unmark benchmarks in this run (not run)" in md
 
 
@@ -220,4 +238,4 @@ def test_zero_medians_and_a_pairs_only_group_do_not_break_the_report(tmp_path):
     assert rows_of(md, "cache hit") == [["cache hit", "cachetools.LRUCache", "0 ns"],
                                         ["cache hit", "x", "100 ns"]]
     assert "| fork+exit | pages=64 | 0 ns |  |" in md
-    assert (tmp_path / "cache.png").exists() and not (tmp_path / "unmark.png").exists()
+    assert not list(tmp_path.glob("*.png")), "one size is no cost-against-size plot"
