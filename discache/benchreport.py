@@ -340,7 +340,7 @@ def seconds_label(seconds: float, _pos=None) -> str:
     return fmt_seconds(seconds).replace(".00 ", " ")
 
 
-BASELINE_LABELS = ("stdlib", "walk", "cachetools.LRUCache", "functools.lru_cache")
+BASELINE_LABELS = ("stdlib", "walk", "volatile-walk", "cachetools.LRUCache", "functools.lru_cache")
 
 
 def is_baseline(label: str) -> bool:
