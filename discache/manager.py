@@ -98,7 +98,8 @@ class ManagedMemory(DiscardableMemory):
         if self._view is None:
             if self._buffer is None:
                 self._buffer = self._segment.span_buffer(self.offset, self.nbytes)
-            self._view = memoryview(self._buffer)
+            with memoryview(self._buffer) as whole:
+                self._view = whole[:self.nbytes]
         return self._view
 
     def _release_view(self) -> None:
@@ -239,7 +240,9 @@ class DiscardableMemoryManager:
                 self._next_segment += 1
                 self._heap.add_segment(segment_id, pages)
                 span = self._heap.allocate(npages)
-            mem = ManagedMemory(self, span, self._segments[span.segment], nbytes)
+            segment = self._segments[span.segment]
+            segment.claim_span(span.first, span.npages)
+            mem = ManagedMemory(self, span, segment, nbytes)
             self._live[id(mem)] = mem
             self.bytes_allocated += npages * PAGE
             self.bytes_locked += npages * PAGE
@@ -301,11 +304,10 @@ class DiscardableMemoryManager:
             size = mem.npages * PAGE
             self._unlocked.pop(id(mem), None)
             del self._live[id(mem)]
+            # Pages the application no longer wants: give them back now.
+            mem._segment.release_span(mem._span.first, mem._span.npages)
             if mem._locked:
                 self.bytes_locked -= size
-            elif not mem._purged:
-                # Pages the application no longer wants: give them back now.
-                mem._segment.discard_span(mem._span.first, mem._span.npages)
             if mem._purged:
                 self.bytes_purged -= size
             mem._closed = True
