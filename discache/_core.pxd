@@ -1,5 +1,6 @@
 # Declarations of the compiled core; one .pxd per cdef class, included here.
 include "_pagetable.pxd"
 include "_kernel.pxd"
+include "_freemap.pxd"
 include "_simpager.pxd"
 include "_simcore.pxd"

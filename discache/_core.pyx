@@ -3,5 +3,6 @@
 
 include "_pagetable.pyx"
 include "_kernel.pyx"
+include "_freemap.pyx"
 include "_simpager.pyx"
 include "_simcore.pyx"

@@ -180,7 +180,7 @@ class TokenVsWalk(RuleBasedStateMachine):
             stats = {key: v for key, v in k.stats().items() if key not in COST_KEYS}
             procs = [(p.pid, p.volatile_pages(), [(m.start, m.end) for m in p.mappings])
                      for p in k.processes.values()]
-            views.append((stats, k.volatile_pages(), procs, k.core.lru()))
+            views.append((stats, k.volatile_pages(), procs, k.core.resident()))
         assert views[0] == views[1]
 
     @invariant()
