@@ -605,6 +605,26 @@ def test_a_million_pages_with_few_bytes_each():
     assert k.core.nbytes / n < 3.2
 
 
+def test_freed_frames_are_reused_lowest_first():
+    # 5000 frames: the free set has three levels (a bit per frame, a bit per word, a top word)
+    k = SimulatedKernel(ram_pages=5000, page_size=256)
+    p = k.spawn()
+    a = p.mmap(5001 * 256)
+    p.touch(a, 5000 * 256, write=True)
+    assert [frame for frame, _, _, _ in k.core.resident()] == list(range(1, 5001))
+    for page in (1, 70, 4095, 4999):
+        p.madvise(a + page * 256, 256, MADV_DONTNEED)
+    assert k.stats()["free_pages"] == 4
+    frames = []
+    for page in (4999, 70, 4095, 1):
+        p.touch(a + page * 256, 256)
+        frames.append(p.pager.slot(page))
+    assert frames == [2, 71, 4096, 5000]
+    assert k.stats()["free_pages"] == 0
+    with pytest.raises(MemoryError):
+        p.touch(a + 5000 * 256, 256)
+
+
 # ------------------------------------------------------------------ the GIL-free fast path
 
 
