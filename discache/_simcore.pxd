@@ -17,7 +17,7 @@ ctypedef struct ScanState:
 # same page of every Pager of its fork family.
 cdef class SimCore:
     cdef uint16_t *mapcounts          # per frame (1..nframes): mappings of it; 0 when free
-    cdef uint8_t *fflags              # per frame: SIM_DATA | SIM_LAZYFREE | SIM_PINNED | SIM_REFERENCED
+    cdef uint8_t *fflags              # per frame: SIM_DATA, SIM_LAZYFREE, SIM_PINNED, SIM_REFERENCED
     cdef FreeMap free_frames          # bit f-1 set <=> frame f is free
     cdef unsigned char *ram           # nframes * page_size bytes, zero until written
     cdef unsigned char *swap          # nswap * page_size bytes
@@ -33,7 +33,7 @@ cdef class SimCore:
     cdef list pagers                  # every attached Pager in attach order: the clock's circle
     cdef Py_ssize_t hand_pager[2]     # clock hands (discard, swap): a Pager's place in pagers...
     cdef uint32_t hand_page[2]        # ...and a page of it
-    cdef public bint force_aging      # scan every page for discardable ones even if none is volatile
+    cdef public bint force_aging      # scan every page for discardable ones, even with none volatile
     cdef readonly uint64_t faults
     cdef readonly uint64_t zero_page_faults
     cdef readonly uint64_t cow_faults

@@ -135,7 +135,7 @@ cdef class SimCore:
         return len(self.owners) - 1
 
     def attach(self, Pager pg) -> None:
-        """Add a Pager to its rmap group and to the clock's circle, so that reclaim finds its pages."""
+        """Add a Pager to its rmap group and to the clock's circle, so reclaim finds its pages."""
         self._lock()
         try:
             self.owners[pg.owner].append(pg)
@@ -619,7 +619,8 @@ cdef class SimCore:
                     break
                 a, b, volatile = pg.table.ranges[k].first, _min32(hi, pg.table.ranges[k].end), True
             else:
-                a, b, volatile = idx, hi if k >= pg.table.nranges else _min32(hi, pg.table.ranges[k].first), False
+                b = hi if k >= pg.table.nranges else _min32(hi, pg.table.ranges[k].first)
+                a, volatile = idx, False
             for q in range(a, b):
                 if self._visit(pg, q, volatile, phase, st):
                     PyThread_release_lock(pg.table.mutex)

@@ -271,6 +271,38 @@ def test_swapless_reclaim_frees_only_volatile_pages(kernel):
     assert p.read(a, 9) == pattern(b"d", 0)
 
 
+def test_swapless_scan_cost_is_bounded_by_the_volatile_pages(kernel):
+    p = kernel.spawn()
+    filled(p, 40)  # locked pages: the hand never visits them
+    v = filled(p, 8, b"v")
+    p.madvise(v, 8 * PS, MADV_VOLATILE)
+    before = kernel.stats()["reclaim_scanned"]
+    assert kernel.reclaim(8) == 8
+    # A lap over the 8 volatile entries to clear their referenced bits, a lap to purge them.
+    assert kernel.stats()["reclaim_scanned"] - before == 16
+    assert kernel.reclaim(8) == 0
+    # Purged entries are still visited (once: a lap that clears no bit ends the call).
+    assert kernel.stats()["reclaim_scanned"] - before == 24
+
+
+def test_a_page_shared_after_fork_gets_one_second_chance(kernel):
+    p = kernel.spawn()
+    a = filled(p, 4)
+    p.madvise(a, 4 * PS, MADV_VOLATILE)
+    c = p.fork()  # every page shared, volatile in both
+    before = kernel.stats()["reclaim_scanned"]
+    # One lap clears each frame's bit once (not once per process), the next takes page 0.
+    assert kernel.reclaim(1) == 1
+    assert kernel.stats()["reclaim_scanned"] - before == 9
+    c.read(a + 2 * PS, 1)  # the child's access protects the frame for the parent too
+    assert kernel.reclaim(2) == 2
+    assert p.read(a + 2 * PS, 9) == pattern(b"d", 2)
+    for proc in (p, c):
+        for i in (0, 1, 3):
+            with pytest.raises(PurgedPageError):
+                proc.read(a + i * PS, 1)
+
+
 def test_direct_reclaim_on_full_ram(kernel):
     p = kernel.spawn()
     v = filled(p, 40, b"v")
