@@ -92,7 +92,7 @@ def test_sigbus_on_purged_volatile_page(kernel):
     p = kernel.spawn()
     a = filled(p, 4)
     p.madvise(a, 4 * PS, MADV_VOLATILE)
-    assert kernel.reclaim(1) == 1  # least recently used: page 0
+    assert kernel.reclaim(1) == 1  # a lap clears the referenced bits, the next takes page 0
     with pytest.raises(PurgedPageError) as info:
         p.read(a + 5, 1)
     assert info.value.address == a
@@ -133,7 +133,7 @@ def test_subrange_unmark_reports_only_its_own_purges(kernel):
     p = kernel.spawn()
     a = filled(p, 4)
     p.madvise(a, 4 * PS, MADV_VOLATILE)
-    p.read(a + 2 * PS, 1)  # pages 0, 1, 3 older than 2; 0 is the oldest
+    p.read(a + 2 * PS, 1)  # all four referenced: the clock takes page 0 on its second lap
     assert kernel.reclaim(1) == 1
     assert p.madvise(a + 2 * PS, 2 * PS, MADV_NONVOLATILE) == 0
     assert p.madvise(a + PS, PS, MADV_NONVOLATILE) == 0
@@ -266,7 +266,7 @@ def test_swapless_reclaim_frees_only_volatile_pages(kernel):
     assert kernel.stats()["reclaim_scanned"] == scanned
     p.madvise(a + 4 * PS, 4 * PS, MADV_VOLATILE)
     assert kernel.reclaim(8) == 4
-    # It scanned the four locked pages, found them not discardable, and the four volatile ones.
+    # Only the volatile range is scanned: a lap clears the four referenced bits, a lap purges.
     assert kernel.stats()["reclaim_scanned"] == scanned + 8
     assert p.read(a, 9) == pattern(b"d", 0)
 
@@ -330,7 +330,7 @@ def test_swap_out_and_in_keeps_data():
     p = k.spawn()
     a = filled(p, 8)
     v = p.mmap(PS)
-    assert k.reclaim(4) == 4  # no volatile page: the four oldest go to swap
+    assert k.reclaim(4) == 4  # no volatile page: four go to swap (the clock's pages 0-3)
     s = k.stats()
     assert s["swap_outs"] == 4 and s["swap_used"] == 4
     for i in range(8):
@@ -763,7 +763,7 @@ def test_copy_on_write_source_is_pinned_during_direct_reclaim(kernel):
     a = filled(p, 4)
     p.madvise(a, 4 * PS, MADV_VOLATILE)
     c = p.fork()  # inherits the marks: every page is volatile in both
-    c.write(a + 1, b"C")  # page 0 is the oldest: reclaim would take it, but it is the source
+    c.write(a + 1, b"C")  # reclaim would take page 0 first, but it is the copy's source
     assert c.read(a, 9) == b"dCdddddd\x00"
     assert p.read(a, 9) == pattern(b"d", 0)
     assert k.stats()["purged_pages"] >= 1 and k.stats()["cow_faults"] == 1
