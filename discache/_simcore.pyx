@@ -495,25 +495,34 @@ cdef class SimCore:
         """Take the frame at page idx of pg from every mapping in the family: a purge (volatile)
         or a lazy free's discard."""
         cdef uint32_t f = pg.slots[idx]
+        cdef uint16_t removed = 0
         cdef Pager other
         cdef int done
-        for other in self.owners[pg.owner]:
-            if idx < other.npages and other.slots[idx] == f:
-                other.table._acquire()
-                try:
-                    if purge:
-                        done = other.table._purge(idx)
-                        if done < 0:
-                            raise MemoryError("cannot grow a purge record")
-                        if done == 0:
-                            raise AssertionError(
-                                f"page {idx} of {other!r} was mapped but not purgeable")
-                    else:
-                        other.table._discard(idx, idx + 1)
-                    other.slots[idx] = 0
-                finally:
-                    other.table._release()
-        self._free_frame(f)
+        try:
+            for other in self.owners[pg.owner]:
+                if idx < other.npages and other.slots[idx] == f:
+                    other.table._acquire()
+                    try:
+                        if purge:
+                            done = other.table._purge(idx)
+                            if done < 0:
+                                raise MemoryError("cannot grow a purge record")
+                            if done == 0:
+                                raise AssertionError(
+                                    f"page {idx} of {other!r} was mapped but not purgeable")
+                        else:
+                            other.table._discard(idx, idx + 1)
+                        other.slots[idx] = 0
+                        removed += 1
+                    finally:
+                        other.table._release()
+        finally:
+            # If a purge record could not grow, the mappings already purged report it and the
+            # others keep the frame: the mapcount must say so.
+            if removed == self.mapcounts[f]:
+                self._free_frame(f)
+            else:
+                self.mapcounts[f] -= removed
         return 0
 
     cdef int _swap_out_family(self, Pager pg, uint32_t idx) except -1:
