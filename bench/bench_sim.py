@@ -114,6 +114,29 @@ def test_fault_in(benchmark, npages):
     benchmark.pedantic(run, setup=setup, rounds=5)
 
 
+@pytest.mark.parametrize("npages", [1 << 16, 1 << 20])
+def test_reclaim_all_volatile(benchmark, npages):
+    """Sim throughput: purge every page of an npages volatile mapping (two CLOCK laps)."""
+    stats = {}
+
+    def setup():
+        k = SimulatedKernel(ram_pages=npages, page_size=PS)
+        p = k.spawn()
+        a = p.mmap(npages * PS)
+        p.touch(a, npages * PS, write=True)
+        p.madvise(a, npages * PS, MADV_VOLATILE)
+        stats["k"] = k
+        return (k,), {}
+
+    def run(k):
+        assert k.reclaim(npages) == npages
+
+    benchmark.group = "sim throughput"
+    benchmark.pedantic(run, setup=setup, rounds=5)
+    benchmark.extra_info.update(op="reclaim all volatile", pages=npages,
+                                scanned=stats["k"].stats()["reclaim_scanned"])
+
+
 @pytest.mark.parametrize("where, policy", [
     ("none", "always age"), ("none", "age while volatile"),
     ("first", "age while volatile"), ("last", "age while volatile"),
