@@ -257,6 +257,8 @@ class DiscardableMemoryManager:
             if mem._purged:
                 lost, mem._purged = mem.npages, False
                 self.bytes_purged -= size
+            elif lost:
+                self.counters["purged_bytes_kernel"] += lost * PAGE
             mem._locked = True
             mem.purged_pages = lost
             self.bytes_locked += size
@@ -431,6 +433,20 @@ class DiscardableMemoryManager:
                 "free_pages": self._heap.free_pages,
                 "allocations": len(self._live),
                 **self.counters,
+            }
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """The numbers discache.metrics exports (see its module docstring for the keys)."""
+        with self._lock_:
+            c = self.counters
+            return {
+                "allocated_bytes": self.bytes_allocated,
+                "locked_bytes": self.bytes_locked,
+                "unlocked_bytes": self.bytes_unlocked,
+                "purged_bytes": sum(n for k, n in c.items() if k.startswith("purged_bytes_")),
+                "locks": {"success": c["locks_success"], "purged": c["locks_purged"],
+                          "failed": 0},
+                "pressure_events": {level: c[f"pressure_{level}"] for level in PRESSURE_LEVELS},
             }
 
     def __repr__(self) -> str:

@@ -255,3 +255,25 @@ def test_bad_arguments():
     with pytest.raises(TypeError):
         cache[["unhashable"]] = b"x"
     assert len(cache) == 0 and cache.currsize == 0
+
+
+def test_metrics_snapshot_follows_the_cache(backend):
+    cache = make(backend)
+    for i in range(4):
+        cache[i] = value(i)
+    cache.get(0)
+    cache.get("missing")
+    cache.sweep(idle=0)
+    cache.manager.release_free_memory()
+    cache.get(1)  # purged by the policy: reported
+    cache.get_or_create(1, lambda: value(1))
+    snap = cache.metrics_snapshot()
+    assert snap["hits"] == 1 and snap["misses"] == 3  # "missing", the purged 1, the regeneration
+    assert snap["locks"] == {"success": 0, "purged": 1, "failed": 0}
+    assert snap["purged_bytes"] == PAGE and snap["regenerations"] == 1
+    assert snap["evictions"]["purged"] == 1
+    assert snap["allocated_bytes"] == 4 * PAGE
+    assert snap["locked_bytes"] == PAGE and snap["unlocked_bytes"] == 3 * PAGE
+    manager = cache.manager.metrics_snapshot()
+    assert manager["purged_bytes"] == 4 * PAGE
+    assert manager["locks"]["purged"] == 1
