@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 from . import _core
 from .errors import BackendUnavailableError, PurgedError
 from .heap import Span, SpanHeap
-from .memory import DiscardableMemory
+from .memory import CopyingAccessors
 
 PAGE = _core.page_size()
 SEGMENT_BYTES = 4 << 20  # Chromium's client segment size
@@ -47,7 +47,7 @@ def _segment_factory(backend: str) -> tuple[str, Callable[[int], Any]]:
     return chosen, lambda npages: _core.Segment(npages, chosen)
 
 
-class ManagedMemory(DiscardableMemory):
+class ManagedMemory(CopyingAccessors):
     """A page span of a manager's segment, with DiscardableMemory's lock/unlock/data."""
 
     def __init__(self, manager: "DiscardableMemoryManager", span: Span, segment: Any,
@@ -110,9 +110,11 @@ class ManagedMemory(DiscardableMemory):
                 raise BufferError("an object still holds a buffer of mem.data; release it first") \
                     from None
             self._view = None
-        if self._buffer is not None and self._buffer.exports:
-            raise BufferError(f"{self._buffer.exports} view(s) of mem.data (slices, arrays...) "
-                              "are still alive; release them first")
+        if self._buffer is not None:
+            if self._buffer.exports:
+                raise BufferError(f"{self._buffer.exports} view(s) of mem.data (slices, "
+                                  "arrays...) are still alive; release them first")
+            self._buffer = None  # a span's buffer is valid for one lock (simulated: a copy)
 
     def lock(self) -> bool:
         """Lock; True if intact, False if anything was purged (contents undefined: refill)."""
@@ -137,35 +139,6 @@ class ManagedMemory(DiscardableMemory):
             return
         self._release_view()
         self._manager._free(self)
-
-    def _range(self, offset: int, size: int) -> tuple[int, int]:
-        if size < 0 and 0 <= offset <= self.nbytes:
-            size = self.nbytes - offset
-        if offset < 0 or size < 0 or offset + size > self.nbytes:
-            raise ValueError(f"range [{offset}, {offset}+{size}) is outside the {self.nbytes} "
-                             "bytes of the memory")
-        return offset, size
-
-    def read(self, offset: int = 0, size: int = -1) -> bytes:
-        """Copy bytes out (locked only)."""
-        self._check_locked()
-        offset, size = self._range(offset, size)
-        return self._segment.read(self.offset + offset, size)
-
-    def readinto(self, buffer: Any, offset: int = 0) -> int:
-        """Copy into a writable buffer as many bytes as fit (locked only); returns the count."""
-        self._check_locked()
-        with memoryview(buffer) as target, target.cast("B") as target:
-            offset, size = self._range(offset, min(target.nbytes, max(self.nbytes - offset, 0)))
-            target[:size] = self.data[offset:offset + size]
-        return size
-
-    def write(self, data: Any, offset: int = 0) -> int:
-        """Copy bytes in (locked only); returns the count."""
-        self._check_locked()
-        with memoryview(data) as source, source.cast("B") as source:
-            offset, _ = self._range(offset, source.nbytes)
-            return self._segment.write(self.offset + offset, source)
 
     def _force_reclaim(self) -> int:
         """Make the kernel discard the pages now if unlocked; returns how many are gone."""

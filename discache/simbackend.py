@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Optional
 
-from .memory import DiscardableMemory
+from .memory import CopyingAccessors
 from .errors import PurgedError
 from .sim import MADV_DONTNEED, MADV_NONVOLATILE, MADV_VOLATILE, VA_BASE, SimulatedKernel
 
@@ -209,7 +209,7 @@ def _check_no_exports(data: bytearray) -> None:
         raise BufferError("a view of the memory is still alive; release it first")
 
 
-class SimulatedMemory(DiscardableMemory):
+class SimulatedMemory(CopyingAccessors):
     """DiscardableMemory in the simulated kernel: unlock = MADV_VOLATILE, lock = MADV_NONVOLATILE,
     exact purge counts from the simulated page table."""
 
@@ -291,35 +291,6 @@ class SimulatedMemory(DiscardableMemory):
         self._release_view()
         self._segment.close()
         self._locked = False
-
-    def _range(self, offset: int, size: int) -> tuple[int, int]:
-        if size < 0 and 0 <= offset <= self.nbytes:
-            size = self.nbytes - offset
-        if offset < 0 or size < 0 or offset + size > self.nbytes:
-            raise ValueError(f"range [{offset}, {offset}+{size}) is outside the {self.nbytes} "
-                             "bytes of the memory")
-        return offset, size
-
-    def read(self, offset: int = 0, size: int = -1) -> bytes:
-        """Copy bytes out (locked only)."""
-        self._check_locked()
-        offset, size = self._range(offset, size)
-        return self._segment.read(offset, size)
-
-    def readinto(self, buffer: Any, offset: int = 0) -> int:
-        """Copy into a writable buffer as many bytes as fit (locked only); returns the count."""
-        self._check_locked()
-        with memoryview(buffer) as target, target.cast("B") as target:
-            offset, size = self._range(offset, min(target.nbytes, max(self.nbytes - offset, 0)))
-            target[:size] = self.data[offset:offset + size]
-        return size
-
-    def write(self, data: Any, offset: int = 0) -> int:
-        """Copy bytes in (locked only); returns the count."""
-        self._check_locked()
-        with memoryview(data) as source, source.cast("B") as source:
-            offset, size = self._range(offset, source.nbytes)
-            return self._segment.write(offset, source)
 
     def _purge(self) -> int:
         """A policy purge if unlocked; returns the pages dropped."""
