@@ -1,6 +1,7 @@
 # Declarations of the compiled core; one .pxd per cdef class, included here.
 include "_pagetable.pxd"
 include "_kernel.pxd"
+include "_freemap.pxd"
 include "_simpager.pxd"
 include "_simcore.pxd"
 include "_mapped.pxd"

@@ -3,6 +3,7 @@
 
 include "_pagetable.pyx"
 include "_kernel.pyx"
+include "_freemap.pyx"
 include "_simpager.pyx"
 include "_simcore.pyx"
 include "_mapped.pyx"

@@ -11,7 +11,7 @@ from typing import Any, Callable, Hashable, Iterator, NamedTuple, Optional
 import mmh3
 
 from ._core import SWEEP_EVERY, CacheCore, CacheEntry, CacheShard
-from .manager import DiscardableMemoryManager, ManagedMemory, default_manager
+from .manager import PAGE, DiscardableMemoryManager, ManagedMemory, default_manager
 
 EVICTION_REASONS = ("size", "purged", "explicit")
 
@@ -74,6 +74,8 @@ class DiscardableCache(CacheCore, MutableMapping):
         self.evictions = {reason: 0 for reason in EVICTION_REASONS}
         self.regenerations = 0
         self.purges_detected = 0
+        self.purged_bytes = 0  # bytes of entries found purged
+        self.relocks = 0  # idle entries locked again intact
 
     # ------------------------------------------------------------------ the mapping
 
@@ -274,7 +276,9 @@ class DiscardableCache(CacheCore, MutableMapping):
         if intact:
             entry.locked = True
             entry.used = True
+            self.relocks += 1
             return True
+        self.purged_bytes += entry.mem.npages * PAGE
         shard.remove(entry.key)
         self._release(entry, weight=True)
         shard.purged_keys.add(entry.key)
@@ -335,6 +339,28 @@ class DiscardableCache(CacheCore, MutableMapping):
                     if not entry.locked and entry.mem is not None:
                         gone += entry.mem._force_reclaim()
         return gone
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """The numbers discache.metrics exports for this cache (its own entries only)."""
+        allocated = locked = 0
+        for shard in self._shards:
+            with shard.lock:
+                for e in shard.entries.values():
+                    if e.mem is not None:
+                        allocated += e.mem.npages * PAGE
+                        locked += e.mem.npages * PAGE if e.locked else 0
+        stats = self.stats()
+        return {
+            "allocated_bytes": allocated,
+            "locked_bytes": locked,
+            "unlocked_bytes": allocated - locked,
+            "purged_bytes": self.purged_bytes,
+            "locks": {"success": self.relocks, "purged": self.purges_detected, "failed": 0},
+            "evictions": dict(self.evictions),
+            "hits": stats["hits"],
+            "misses": stats["misses"],
+            "regenerations": self.regenerations,
+        }
 
     def stats(self) -> dict[str, int]:
         """Hits, misses, purges, regenerations, evictions by reason, sizes and locked entries."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 from typing import Any, Optional
 
-from .memory import DiscardableMemory
+from .memory import CopyingAccessors
 from .errors import PurgedError
-from .sim import MADV_NONVOLATILE, MADV_VOLATILE, VA_BASE, SimulatedKernel
+from .sim import MADV_DONTNEED, MADV_NONVOLATILE, MADV_VOLATILE, VA_BASE, SimulatedKernel
 
 SIM_RAM_PAGES = 1 << 18  # 1 GiB of simulated RAM, allocated by the simulator as it is touched
 STATE_PURGED = 3  # discache._core.STATE_NAMES.index("purged")
@@ -49,8 +49,8 @@ class SimSegment:
             self.process = _process
             self.addr = self.process.mmap(self.nbytes)
         self.first_page = (self.addr - VA_BASE) // self.page
-        self._locked: dict[int, bytearray] = {0: bytearray(self.nbytes)}  # span first -> bytes
-        self._spans: dict[int, int] = {0: npages}  # locked span first -> pages
+        self._locked: dict[int, bytearray] = {}  # locked span first -> its bytes
+        self._spans: dict[int, int] = {}  # locked span first -> pages
         self._lost = [False] * npages  # discarded by discard_span since their last lock
         self.closed = False
 
@@ -63,19 +63,26 @@ class SimSegment:
             raise IndexError(f"pages [{first}, {first + count}) are outside the segment's "
                              f"{self.npages} pages")
 
-    def _split_initial(self, first: int, count: int) -> None:
-        """A new segment is one locked span; carve the span asked for out of the span holding it."""
-        if first in self._spans and self._spans[first] == count:
-            return
-        for start, n in list(self._spans.items()):
-            if start <= first and first + count <= start + n:
-                whole = self._locked.pop(start)
-                del self._spans[start]
-                for a, b in ((start, first), (first, first + count), (first + count, start + n)):
-                    if b > a:
-                        self._spans[a] = b - a
-                        self._locked[a] = whole[(a - start) * self.page:(b - start) * self.page]
-                return
+    def claim_span(self, first: int, count: int) -> None:
+        """Hand out pages as a new locked span (zero-filled)."""
+        self._check(first, count)
+        with _lock:
+            self._locked[first] = _SpanBytes(count * self.page)
+            self._spans[first] = count
+            for i in range(first, first + count):
+                self._lost[i] = False
+
+    def release_span(self, first: int, count: int) -> None:
+        """Forget a freed span: its bytes, its volatility and its pages."""
+        self._check(first, count)
+        with _lock:
+            self._locked.pop(first, None)
+            self._spans.pop(first, None)
+            start = self.addr + first * self.page
+            self.process.madvise(start, count * self.page, MADV_NONVOLATILE)
+            self.process.madvise(start, count * self.page, MADV_DONTNEED)
+            for i in range(first, first + count):
+                self._lost[i] = False
 
     def lock_span(self, first: int, count: int) -> int:
         """Lock a span (MADV_NONVOLATILE); returns how many of its pages were purged."""
@@ -91,30 +98,38 @@ class SimSegment:
                 self._lost[i] = False
             self.process.madvise(self.addr + first * self.page, count * self.page,
                                  MADV_NONVOLATILE)
-            data = bytearray(self.process.read(self.addr + first * self.page, count * self.page))
+            data = _SpanBytes(self.process.read(self.addr + first * self.page, count * self.page))
             self._spans[first] = count
             self._locked[first] = data
             return purged
 
     def unlock_span(self, first: int, count: int) -> None:
         """Write the span back to the simulated memory and mark it volatile (MADV_VOLATILE)."""
-        self._check(first, count)
-        with _lock:
-            self._split_initial(first, count)
-            data = self._locked.get(first)
-            if data is None or self._spans.get(first) != count:
-                raise RuntimeError(f"pages [{first}, {first + count}) are not a locked span")
-            _check_no_exports(data)
-            self.process.write(self.addr + first * self.page, bytes(data))
-            self.process.madvise(self.addr + first * self.page, count * self.page, MADV_VOLATILE)
-            del self._locked[first], self._spans[first]
+        self.unlock_spans([(first, count)])
 
     def unlock_spans(self, spans: Any) -> int:
-        """Unlock many spans; one simulated madvise each (adjacent runs are not merged)."""
+        """Unlock many spans, one simulated madvise per run of adjacent ones; returns the runs."""
         spans = sorted(spans)
-        for first, count in spans:
-            self.unlock_span(first, count)
-        return len(spans)
+        with _lock:
+            for first, count in spans:
+                self._check(first, count)
+                data = self._locked.get(first)
+                if data is None or self._spans.get(first) != count:
+                    raise RuntimeError(f"pages [{first}, {first + count}) are not a locked span")
+                _check_no_exports(data)
+            runs: list[list[int]] = []
+            for first, count in spans:
+                data = self._locked.pop(first)
+                del self._spans[first]
+                self.process.write(self.addr + first * self.page, bytes(data))
+                if runs and runs[-1][1] == first:
+                    runs[-1][1] = first + count
+                else:
+                    runs.append([first, first + count])
+            for first, end in runs:
+                self.process.madvise(self.addr + first * self.page, (end - first) * self.page,
+                                     MADV_VOLATILE)
+            return len(runs)
 
     def discard_span(self, first: int, count: int) -> None:
         """A policy purge of an unlocked span: its pages are dropped and reported at the next lock."""
@@ -150,10 +165,12 @@ class SimSegment:
             buf[at:at + size] = source.cast("B")
         return size
 
-    def span_buffer(self, offset: int, size: int) -> "_SpanView":
-        """The locked span's bytes [offset, offset+size) as an object with a buffer and exports."""
+    def span_buffer(self, offset: int, size: int) -> _SpanBytes:
+        """The bytes of the locked span starting at offset (a buffer with `exports`)."""
         buf, at = self._locate(offset, size)
-        return _SpanView(buf, at, size)
+        if at:
+            raise ValueError("a span buffer starts where its span starts")
+        return buf  # type: ignore[return-value]
 
     def _locate(self, offset: int, size: int) -> tuple[bytearray, int]:
         page = offset // self.page
@@ -174,31 +191,25 @@ class SimSegment:
         self.closed = True
 
 
-def _check_no_exports(data: bytearray) -> None:
-    """A bytearray with live exports cannot grow: the cheapest honest test of live views."""
-    try:
-        data.append(0)
-    except BufferError:
-        raise BufferError("a view of the memory is still alive; release it first") from None
-    del data[-1]
-
-
-class _SpanView:
-    """A span's bytes for memoryview(); `exports` says whether any view is still alive."""
-
-    def __init__(self, data: bytearray, offset: int, size: int) -> None:
-        self.view = memoryview(data)[offset:offset + size]
+class _SpanBytes(bytearray):
+    """A locked span's bytes; `exports` says whether a view of them is still alive."""
 
     @property
     def exports(self) -> int:
         try:
-            self.view.release()
+            self.append(0)  # a bytearray with live exports cannot grow
         except BufferError:
             return 1
+        del self[-1]
         return 0
 
 
-class SimulatedMemory(DiscardableMemory):
+def _check_no_exports(data: bytearray) -> None:
+    if isinstance(data, _SpanBytes) and data.exports:
+        raise BufferError("a view of the memory is still alive; release it first")
+
+
+class SimulatedMemory(CopyingAccessors):
     """DiscardableMemory in the simulated kernel: unlock = MADV_VOLATILE, lock = MADV_NONVOLATILE,
     exact purge counts from the simulated page table."""
 
@@ -213,8 +224,9 @@ class SimulatedMemory(DiscardableMemory):
         self.nbytes = nbytes
         self.npages = -(-nbytes // kernel.page_size)
         if self.npages > SIM_RAM_PAGES:
-            raise MemoryError(f"{nbytes} bytes exceed the simulated RAM")
+            raise ValueError(f"{nbytes} bytes exceed the {SIM_RAM_PAGES} pages of simulated RAM")
         self._segment = SimSegment(self.npages)
+        self._segment.claim_span(0, self.npages)
         self._view: Optional[memoryview] = None
         self._locked = True
         self.purged_pages = 0
@@ -279,35 +291,6 @@ class SimulatedMemory(DiscardableMemory):
         self._release_view()
         self._segment.close()
         self._locked = False
-
-    def _range(self, offset: int, size: int) -> tuple[int, int]:
-        if size < 0 and 0 <= offset <= self.nbytes:
-            size = self.nbytes - offset
-        if offset < 0 or size < 0 or offset + size > self.nbytes:
-            raise ValueError(f"range [{offset}, {offset}+{size}) is outside the {self.nbytes} "
-                             "bytes of the memory")
-        return offset, size
-
-    def read(self, offset: int = 0, size: int = -1) -> bytes:
-        """Copy bytes out (locked only)."""
-        self._check_locked()
-        offset, size = self._range(offset, size)
-        return self._segment.read(offset, size)
-
-    def readinto(self, buffer: Any, offset: int = 0) -> int:
-        """Copy into a writable buffer as many bytes as fit (locked only); returns the count."""
-        self._check_locked()
-        with memoryview(buffer) as target, target.cast("B") as target:
-            offset, size = self._range(offset, min(target.nbytes, max(self.nbytes - offset, 0)))
-            target[:size] = self.data[offset:offset + size]
-        return size
-
-    def write(self, data: Any, offset: int = 0) -> int:
-        """Copy bytes in (locked only); returns the count."""
-        self._check_locked()
-        with memoryview(data) as source, source.cast("B") as source:
-            offset, size = self._range(offset, source.nbytes)
-            return self._segment.write(offset, source)
 
     def _purge(self) -> int:
         """A policy purge if unlocked; returns the pages dropped."""

@@ -9,7 +9,7 @@ from discache import _core, force_reclaim
 from discache.cache import DiscardableCache, cached
 from discache.manager import PAGE, DiscardableMemoryManager
 
-BACKENDS = ["madvfree", "memfd"]
+BACKENDS = ["madvfree", "memfd", "simulated"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -130,10 +130,12 @@ def test_verify_catches_a_partially_zeroed_entry(backend):
     # Zero half of one page behind the cache's back, cookie left intact: only a checksum sees it.
     mem = entry.mem
     segment = mem._segment
-    raw = memoryview(segment)
     start = mem.offset + PAGE + 2048
-    raw[start:start + 1024] = bytes(1024)
-    raw.release()
+    if backend == "simulated":
+        segment.process.write(segment.addr + start, bytes(1024))
+    else:
+        with memoryview(segment) as raw:
+            raw[start:start + 1024] = bytes(1024)
     assert cache.get("img") is None
     assert cache.stats()["purges_detected"] == 1
 
@@ -253,3 +255,25 @@ def test_bad_arguments():
     with pytest.raises(TypeError):
         cache[["unhashable"]] = b"x"
     assert len(cache) == 0 and cache.currsize == 0
+
+
+def test_metrics_snapshot_follows_the_cache(backend):
+    cache = make(backend)
+    for i in range(4):
+        cache[i] = value(i)
+    cache.get(0)
+    cache.get("missing")
+    cache.sweep(idle=0)
+    cache.manager.release_free_memory()
+    cache.get(1)  # purged by the policy: reported
+    cache.get_or_create(1, lambda: value(1))
+    snap = cache.metrics_snapshot()
+    assert snap["hits"] == 1 and snap["misses"] == 3  # "missing", the purged 1, the regeneration
+    assert snap["locks"] == {"success": 0, "purged": 1, "failed": 0}
+    assert snap["purged_bytes"] == PAGE and snap["regenerations"] == 1
+    assert snap["evictions"]["purged"] == 1
+    assert snap["allocated_bytes"] == 4 * PAGE
+    assert snap["locked_bytes"] == PAGE and snap["unlocked_bytes"] == 3 * PAGE
+    manager = cache.manager.metrics_snapshot()
+    assert manager["purged_bytes"] == 4 * PAGE
+    assert manager["locks"]["purged"] == 1

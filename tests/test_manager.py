@@ -6,7 +6,7 @@ import pytest
 from discache import _core, force_reclaim
 from discache.manager import PAGE, DiscardableMemoryManager, default_limit, physical_ram
 
-BACKENDS = ["madvfree", "memfd"]
+BACKENDS = ["madvfree", "memfd", "simulated"]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -114,3 +114,19 @@ register(Backend("memfd", _cached(_core.probe_memfd), _allocate_memfd,
                  "memfd shared memory; purged by policy (punch hole), not by the kernel"))
 register(Backend("ashmem", _core.probe_ashmem, _core.AshmemMemory,
                  "Android's /dev/ashmem; unlock = UNPIN, lock = PIN (WAS_PURGED for the range)"))
+
+
+def _probe_simulated() -> tuple[bool, str]:
+    from ..simbackend import probe
+
+    return probe()
+
+
+def _allocate_simulated(nbytes: int) -> Any:
+    from ..simbackend import SimulatedMemory
+
+    return SimulatedMemory(nbytes)
+
+
+register(Backend("simulated", _probe_simulated, _allocate_simulated,
+                 "discache.sim's simulated kernel: unlock = MADV_VOLATILE, lock = MADV_NONVOLATILE"))
