@@ -24,7 +24,8 @@ QUICK_ENV = "DISCACHE_BENCH_QUICK"  # honoured by bench/conftest.py: pedantic ro
 QUICK_PYTEST_ARGS = ("--benchmark-max-time=0.05", "--benchmark-min-rounds=3",
                      "--benchmark-warmup=off")
 PAGETABLE_OPS = ("unmark", "mark_volatile", "mark+unmark")
-SIM_OPS = ("MADV_NONVOLATILE", "mark", "fault in", "fork+exit", "reclaim 4096")
+SIM_OPS = ("MADV_NONVOLATILE", "mark", "fault in", "fork+exit")
+SIM_OP_PREFIXES = ("MADV_FREE", "reclaim")  # "reclaim 4096", "reclaim all volatile", ...
 ROUNDTRIP_BASELINES = ("bare mmap.madvise(MADV_FREE), dirty pages",
                        "bare mmap.madvise(MADV_FREE), clean pages")
 
@@ -64,7 +65,7 @@ def group_of(bench: Bench) -> str:
         return "roundtrip"
     if op in PAGETABLE_OPS and "strategy" in info and "pages" in info:
         return "unmark"
-    if op in SIM_OPS or op.startswith("MADV_FREE") or "design" in info:
+    if op in SIM_OPS or op.startswith(SIM_OP_PREFIXES) or "design" in info:
         return "sim"
     return "other"
 

@@ -51,6 +51,8 @@ def every_group() -> list[dict]:
         benches.append(entry(f"sim-token-{pages}", 1e-6, op="MADV_NONVOLATILE",
                              strategy="token", pages=pages, pte_visits=0))
     benches.append(entry("fault", 2e-3, op="fault in", pages=65536))
+    benches.append(entry("reclaim-all", 4e-3, op="reclaim all volatile", pages=65536,
+                         scanned=131072))
     benches.append(entry("mystery", 3e-3, op="something new"))
     benches.append(entry("sizeless", 1e-3, op="unmark", strategy="token"))  # no pages: "other"
     benches.append(entry("sim-sizeless", 1e-3, op="mark", design="madv_free"))  # throughput row
@@ -83,6 +85,7 @@ def test_every_group_gets_its_table_ratios_and_plot(tmp_path):
     assert ["unmark", "token", "1.00 us (0.25x)", "1.00 us (0.01x)"] in rows_of(md, "unmark")
     assert ["unmark", "walk", "64", "4096"] in rows_of(md, "unmark"), "pages visited"
     assert "| fault in | pages=65536 | 2.00 ms | 32.77 Mpage/s |" in md
+    assert "| reclaim all volatile | pages=65536, scanned=131072 | 4.00 ms | 16.38 Mpage/s |" in md
     assert "| bench/x.py::mystery | op=something new | 3.00 ms |" in md
     assert "| bench/x.py::sizeless | op=unmark, strategy=token | 1.00 ms |" in md
     assert "| mark | design=madv_free | 1.00 ms | 1.00 krun/s |" in md
