@@ -84,7 +84,9 @@ class LatencyHistogram:
         self._lock = threading.Lock()
 
     def observe(self, seconds: float) -> None:
-        """Record one duration."""
+        """Record one duration (ValueError if negative or NaN)."""
+        if not seconds >= 0:
+            raise ValueError(f"a duration must be >= 0 seconds, got {seconds!r}")
         index = bisect.bisect_left(self.bounds, seconds)
         with self._lock:
             self._counts[index] += 1

@@ -90,6 +90,10 @@ def test_latency_histogram_buckets_include_their_upper_bound():
     for bad in ((), (1e-3, 1e-6), (0.0, 1.0), (1e-3, 1e-3)):
         with pytest.raises(ValueError):
             LatencyHistogram(bad)
+    for bad in (-1e-6, math.nan):
+        with pytest.raises(ValueError, match="duration"):
+            h.observe(bad)
+    assert h.snapshot() == snap, "a refused observation changes nothing"
 
 
 def test_latency_histogram_loses_no_observation_across_threads():
@@ -135,6 +139,15 @@ def test_bad_watch_arguments_raise_and_change_nothing(registry):
         collector.watch(PageTableCache(1), "images")
     with pytest.raises(KeyError):
         collector.unwatch("other")
+
+    class Slotted:
+        __slots__ = ()
+
+        def metrics_snapshot(self):
+            return {}
+
+    with pytest.raises(TypeError, match="weakly"):
+        collector.watch(Slotted(), "slotted")
     assert collector.watched() == {"images": cache}
 
 
