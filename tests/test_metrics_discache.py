@@ -12,7 +12,7 @@ from discache.metrics import DiscacheCollector
 
 
 def busy_cache() -> DiscardableCache:
-    """8 entries; a hit and a miss; all unlocked; critical pressure; a purged get; a regeneration."""
+    """8 entries; a hit, a miss; all unlocked; critical pressure; a purged get; a regeneration."""
     manager = DiscardableMemoryManager(limit=1 << 20, backend="memfd")
     cache = DiscardableCache(1 << 20, manager=manager, idle_unlock=0)
     for i in range(8):

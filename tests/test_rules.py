@@ -1,4 +1,4 @@
-"""integrations/prometheus: the rules (valid, unit-tested) and the dashboard use real series only."""
+"""integrations/prometheus: the rules (valid, unit-tested) and the dashboard use real series."""
 from __future__ import annotations
 
 import json
