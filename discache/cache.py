@@ -14,6 +14,7 @@ from ._core import SWEEP_EVERY, CacheCore, CacheEntry, CacheShard
 from .manager import PAGE, DiscardableMemoryManager, ManagedMemory, default_manager
 
 EVICTION_REASONS = ("size", "purged", "explicit")
+PURGED_KEYS_KEPT = 4096  # per shard: purged keys remembered to count their regeneration
 
 
 class CacheInfo(NamedTuple):
@@ -68,7 +69,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         self._init_shards(shards)
         for shard in self._shards:
             shard.lock = threading.RLock()
-        self._size_lock = threading.Lock()
+        self._size_lock = threading.Lock()  # currsize and the counters the shards share
         self._currsize = 0
         self._last_sweep = manager.clock()
         self.evictions = {reason: 0 for reason in EVICTION_REASONS}
@@ -148,7 +149,7 @@ class DiscardableCache(CacheCore, MutableMapping):
                 shard.remove(key)
                 self._release(old, weight=True)
             shard.add(entry)
-            shard.purged_keys.discard(key)
+            shard.purged_keys.pop(key, None)
             with self._size_lock:
                 self._currsize += weight
         self._evict_for_size(shard)
@@ -183,7 +184,9 @@ class DiscardableCache(CacheCore, MutableMapping):
         created = factory()
         shard = self._shard(key)
         with shard.lock:
-            if key in shard.purged_keys:
+            regenerated = shard.purged_keys.pop(key, _MISSING) is not _MISSING
+        if regenerated:
+            with self._size_lock:
                 self.regenerations += 1
         self[key] = created
         with memoryview(created) as view:
@@ -276,13 +279,17 @@ class DiscardableCache(CacheCore, MutableMapping):
         if intact:
             entry.locked = True
             entry.used = True
-            self.relocks += 1
+            with self._size_lock:
+                self.relocks += 1
             return True
-        self.purged_bytes += entry.mem.npages * PAGE
+        with self._size_lock:
+            self.purged_bytes += entry.mem.npages * PAGE
+            self.purges_detected += 1
         shard.remove(entry.key)
         self._release(entry, weight=True)
-        shard.purged_keys.add(entry.key)
-        self.purges_detected += 1
+        shard.purged_keys[entry.key] = None
+        if len(shard.purged_keys) > PURGED_KEYS_KEPT:  # only to count regenerations: bounded
+            del shard.purged_keys[next(iter(shard.purged_keys))]
         return False
 
     def _release(self, entry: CacheEntry, weight: bool) -> None:
@@ -293,7 +300,8 @@ class DiscardableCache(CacheCore, MutableMapping):
                 self._currsize -= entry.weight
 
     def _evicted(self, key: Hashable, reason: str) -> None:
-        self.evictions[reason] += 1
+        with self._size_lock:
+            self.evictions[reason] += 1
         if self.on_evict is not None:
             self.on_evict(key, reason)
 
