@@ -121,6 +121,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         weight = self.getsizeof(value)
         if weight > self.maxsize:
             raise ValueError(f"value too large: {weight} bytes for a cache of {self.maxsize}")
+        self._refuse_if_pinned(key)
         with memoryview(value) as view, view.cast("B") as data:
             size = data.nbytes
             mem = self.manager.allocate(size) if size else None
@@ -142,6 +143,10 @@ class DiscardableCache(CacheCore, MutableMapping):
         shard = self._shard(key)
         with shard.lock:
             old = shard.entries.get(key)
+            if old is not None and old.pins:  # pinned since the check above
+                if mem is not None:
+                    mem.close()
+                raise RuntimeError(f"{key!r} is pinned: unpin it before replacing it")
             if old is not None:
                 shard.remove(key)
                 self._release(old, weight=True)
@@ -154,9 +159,20 @@ class DiscardableCache(CacheCore, MutableMapping):
     def __delitem__(self, key: Hashable) -> None:
         shard = self._shard(key)
         with shard.lock:
-            entry = shard.remove(key)
+            entry = shard.entries[key]
+            if entry.pins:
+                # Its memory may be viewed right now: freeing it would pull it from under the view.
+                raise RuntimeError(f"{key!r} is pinned: unpin it before deleting it")
+            shard.remove(key)
             self._release(entry, weight=True)
         self._evicted(key, "explicit")
+
+    def _refuse_if_pinned(self, key: Hashable) -> None:
+        shard = self._shard(key)
+        with shard.lock:
+            entry = shard.entries.get(key)
+            if entry is not None and entry.pins:
+                raise RuntimeError(f"{key!r} is pinned: unpin it before replacing it")
 
     def __len__(self) -> int:
         return sum(len(shard.entries) for shard in self._shards)
@@ -310,11 +326,11 @@ class DiscardableCache(CacheCore, MutableMapping):
                 return
 
     def clear(self) -> None:
-        """Drop every entry (reported as explicit evictions)."""
+        """Drop every entry but the pinned ones (reported as explicit evictions)."""
         for key in list(self):
             try:
                 del self[key]
-            except KeyError:
+            except (KeyError, RuntimeError):
                 pass
 
     def close(self) -> None:

@@ -161,6 +161,27 @@ def test_pin_and_unpin(backend):
         cache.pin("b")
 
 
+def test_a_pinned_entry_is_neither_deleted_nor_replaced(backend):
+    """Deleting or replacing a viewed entry used to free memory a view still pointed to and
+    leave currsize and the manager's accounting wrong."""
+    events = []
+    cache = make(backend, on_evict=lambda key, reason: events.append((key, reason)))
+    cache["k"] = b"kept"
+    allocated = cache.manager.stats()["allocated_bytes"]
+    with cache.view("k") as mv:
+        with pytest.raises(RuntimeError, match="pinned"):
+            del cache["k"]
+        with pytest.raises(RuntimeError, match="pinned"):
+            cache["k"] = b"new value"
+        cache.clear()  # keeps the pinned entry
+        assert bytes(mv) == b"kept"
+    assert cache["k"] == b"kept" and cache.currsize == 4 and events == []
+    assert cache.manager.stats()["allocated_bytes"] == allocated
+    cache["k"] = b"new value"
+    del cache["k"]
+    assert events == [("k", "explicit")] and cache.currsize == 0
+
+
 def test_cached_decorator(backend):
     cache = make(backend)
     calls = []
