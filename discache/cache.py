@@ -208,7 +208,11 @@ class DiscardableCache(CacheCore, MutableMapping):
         """Zero-copy read-only access to the entry while it is held locked; KeyError if missing
         or purged."""
         self.pin(key)
-        entry = self._shard(key).entries[key]
+        shard = self._shard(key)
+        with shard.lock:
+            entry = shard.entries[key]
+            entry.used = True  # a read like get(): recently used, not idle
+            shard.touch(entry)
         if entry.mem is None:
             mv = memoryview(b"")
         else:

@@ -147,6 +147,18 @@ def test_view_is_zero_copy_and_pins(backend):
             pass
 
 
+def test_a_view_is_a_use_for_the_lru_order(backend):
+    events = []
+    cache = make(backend, maxsize=300, shards=1,
+                 on_evict=lambda key, reason: events.append((key, reason)))
+    for key in "abc":
+        cache[key] = value(1, 100)
+    with cache.view("a"):
+        pass
+    cache["d"] = value(2, 100)
+    assert events == [("b", "size")]
+
+
 def test_pin_and_unpin(backend):
     cache = make(backend, maxsize=200, shards=1)
     cache["a"] = value(1, 100)
