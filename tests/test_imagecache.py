@@ -140,7 +140,7 @@ def test_a_foreign_entry_is_dropped_not_returned(backend):
 
 def test_view_image_is_zero_copy_where_pillow_maps(backend):
     cache = make(backend)
-    for mode in ("L", "RGBA", "RGB"):
+    for mode in ("L", "P", "RGBA", "CMYK", "RGB", "LA", "1"):
         cache.put(mode, picture(5, mode=mode))
         entry = entry_of(cache, mode)
         with cache.view_image(mode) as view, memoryview(entry.mem._segment) as raw:
