@@ -69,6 +69,13 @@ def decode(data: memoryview) -> Image.Image:
     spec = layout(data)
     if spec.length == 0:
         image = Image.new(spec.mode, spec.size)
+    elif spec.mode in ZERO_COPY_MODES:
+        # Mapping then copying is one memcpy per line, faster than frombytes' raw decoder.
+        with data[spec.offset:] as pixels:
+            mapped = Image.frombuffer(spec.mode, spec.size, pixels, "raw", spec.mode, 0, 1)
+            image = mapped.copy()
+            mapped.close()
+            del mapped
     else:
         with data[spec.offset:] as pixels:
             image = Image.frombytes(spec.mode, spec.size, pixels)
