@@ -15,7 +15,8 @@ from integrations.imagecache.codec import layout
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BACKENDS = ["madvfree", "memfd"]
-MODES = ["RGB", "RGBA", "L", "P", "LA", "1", "I", "F", "I;16", "CMYK"]
+MODES = ["RGB", "RGBA", "L", "P", "PA", "LA", "1", "I", "F", "I;16", "I;16B", "CMYK", "RGBX",
+         "YCbCr"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -34,8 +35,8 @@ def picture(seed, size=(37, 23), mode="RGB"):
     draw = ImageDraw.Draw(image)
     draw.rectangle((seed % 7, 2, size[0] // 2 + seed % 5, size[1] - 3), fill=(250, seed % 256, 9))
     draw.line((0, size[1] - 1, size[0] - 1, seed % size[1]), fill=(0, 255 - seed % 256, 128))
-    if mode == "P":
-        return image.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    if mode in ("P", "PA"):
+        return image.convert("P", palette=Image.Palette.ADAPTIVE, colors=16).convert(mode)
     return image.convert(mode)
 
 
@@ -140,7 +141,7 @@ def test_a_foreign_entry_is_dropped_not_returned(backend):
 
 def test_view_image_is_zero_copy_where_pillow_maps(backend):
     cache = make(backend)
-    for mode in ("L", "P", "RGBA", "CMYK", "RGB", "LA", "1"):
+    for mode in ("L", "P", "RGBA", "CMYK", "I;16B", "RGB", "LA", "1"):
         cache.put(mode, picture(5, mode=mode))
         entry = entry_of(cache, mode)
         with cache.view_image(mode) as view, memoryview(entry.mem._segment) as raw:

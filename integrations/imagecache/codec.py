@@ -7,8 +7,8 @@ from typing import NamedTuple, Optional
 from PIL import Image, ImagePalette
 
 # Modes whose raw bytes are Pillow's own in-memory layout, so Image.frombuffer maps them instead
-# of copying (Pillow's _MAPMODES, less the I;16 byte orders, which are rarely decoded).
-ZERO_COPY_MODES = ("L", "P", "RGBA", "RGBX", "CMYK", "I;16")
+# of copying (Pillow's _MAPMODES).  RGB is not one: Pillow keeps 4 bytes per RGB pixel.
+ZERO_COPY_MODES = ("L", "P", "RGBA", "RGBX", "CMYK", "I;16", "I;16L", "I;16B")
 MAGIC = b"DCBM"
 VERSION = 1
 HEADER = struct.Struct("<4sH10sII8sIIQ")  # magic, version, mode, w, h, palette mode/len, offset, len
