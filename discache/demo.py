@@ -108,6 +108,7 @@ class DemoResult:
     backend: str = ""
     bitmap_bytes: int = 0
     chosen: int = 0
+    chosen_pages: int = 0  # pages the chosen bitmaps occupy
     unlocked: int = 0
     pages_reclaimed: int = 0
     rss_before: int = 0
@@ -260,8 +261,11 @@ def run_demo(images: int, size: int, backend: str = "auto", reclaim: float = 1 /
 
         step, start, bar = phase("decode into cache"), time.perf_counter(), progress("decode",
                                                                                     images)
+        weights = []
         for i, path in enumerate(paths):
+            before = cache.currsize
             cache.get_or_create(i, path)
+            weights.append(cache.currsize - before)  # this bitmap's bytes
             bar.advance()
         bar.close()
         step.seconds = time.perf_counter() - start
@@ -281,6 +285,7 @@ def run_demo(images: int, size: int, backend: str = "auto", reclaim: float = 1 /
         chosen = set(random.Random(seed).sample(range(images), round(images * reclaim)))
         spared = [i for i in range(images) if i not in chosen]
         result.chosen = len(chosen)
+        result.chosen_pages = sum(-(-weights[i] // PAGE) for i in chosen)
         result.rss_before = _rss()
         for i in spared:  # pinned bitmaps are locked: the kernel cannot take them
             cache.pin(i)
@@ -290,7 +295,8 @@ def run_demo(images: int, size: int, backend: str = "auto", reclaim: float = 1 /
         result.rss_after = _rss()
         cache.sweep(idle=0)  # the spared bitmaps go back to unlocked, reclaimable but intact
         step.seconds = time.perf_counter() - start
-        step.note = f"{len(chosen)} bitmaps chosen, {_mib(result.bytes_reclaimed)} gone"
+        step.note = (f"{len(chosen)} bitmaps chosen ({result.chosen_pages} pages), "
+                     f"{result.pages_reclaimed} pages gone")
 
         step, start, bar = phase("access again"), time.perf_counter(), progress("access", images)
         before = cache.stats()
