@@ -21,7 +21,7 @@ cdef class CacheShard:
     cdef public Py_ssize_t ops
     cdef public Py_ssize_t hits
     cdef public Py_ssize_t misses
-    cdef public set purged_keys
+    cdef public dict purged_keys   # purged, not stored again since: insertion-ordered
     cdef CacheEntry head
     cdef CacheEntry tail
 

@@ -99,7 +99,7 @@ cdef class CacheShard:
 
     def __cinit__(self):
         self.entries = {}
-        self.purged_keys = set()
+        self.purged_keys = {}
 
     cdef void _unlink(self, CacheEntry entry) noexcept:
         if entry.prev is None:

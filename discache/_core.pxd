@@ -1,10 +1,12 @@
 # Declarations of the compiled core; one .pxd per cdef class, included here.
 include "_pagetable.pxd"
 include "_kernel.pxd"
+include "_freemap.pxd"
 include "_simpager.pxd"
 include "_simcore.pxd"
 include "_mapped.pxd"
 include "_madvfree.pxd"
+include "_ashmem.pxd"
 include "_sharedmem.pxd"
 include "_segment.pxd"
 include "_cachecore.pxd"

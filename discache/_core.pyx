@@ -3,10 +3,12 @@
 
 include "_pagetable.pyx"
 include "_kernel.pyx"
+include "_freemap.pyx"
 include "_simpager.pyx"
 include "_simcore.pyx"
 include "_mapped.pyx"
 include "_madvfree.pyx"
+include "_ashmem.pyx"
 include "_sharedmem.pyx"
 include "_segment.pyx"
 include "_cachecore.pyx"

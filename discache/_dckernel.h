@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <linux/userfaultfd.h>
@@ -102,15 +103,64 @@ static int dc_uffd_register_missing(int fd, void *addr, size_t len) {
     return ioctl(fd, UFFDIO_REGISTER, &reg);
 }
 
-/* Map the zero page where a page is missing, so that it stops raising SIGBUS. */
-static int dc_uffd_zeropage(int fd, void *addr, size_t len) {
+/* Map the zero page where pages are missing in [addr, addr+len), so that they stop raising
+ * SIGBUS.  Returns how many pages it filled: all of them, or those before the first page that is
+ * there after all (EEXIST); -1 with errno on failure. */
+static long dc_uffd_zero_fill(int fd, char *addr, size_t len, size_t page) {
     struct uffdio_zeropage zp;
     memset(&zp, 0, sizeof zp);
     zp.range.start = (uintptr_t)addr;
     zp.range.len = len;
-    if (ioctl(fd, UFFDIO_ZEROPAGE, &zp) != 0 && errno != EEXIST)
-        return -1;
-    return 0;
+    if (ioctl(fd, UFFDIO_ZEROPAGE, &zp) == 0)
+        return (long)(len / page);
+    if (errno == EEXIST || errno == EAGAIN)
+        return zp.zeropage > 0 ? (long)(zp.zeropage / (long long)page) : 0;
+    return -1;
+}
+
+/* Fill every missing page of pages [first, npages), found with mincore, one ioctl per run of
+ * missing pages.  Returns how many pages it filled, or -1 with errno. */
+static long dc_uffd_fill_missing(int fd, char *base, size_t first, size_t npages, size_t page,
+                                 unsigned char *vec) {
+    long filled = 0, done;
+    size_t run, j;
+    if (mincore(base + first * page, (npages - first) * page, vec) != 0)
+        return dc_uffd_zero_fill(fd, base + first * page, page, page);
+    for (j = first; j < npages; j++) {
+        if (vec[j - first] & 1)
+            continue;
+        for (run = 1; j + run < npages && !(vec[j + run - first] & 1); run++)
+            ;
+        done = dc_uffd_zero_fill(fd, base + j * page, run * page, page);
+        if (done < 0)
+            return -1;
+        filled += done;
+        j += run - 1;
+    }
+    return filled;
+}
+
+/* ---- Android ashmem (the uapi header is not installed on mainline Linux) ---- */
+
+struct dc_ashmem_pin {
+    uint32_t offset;
+    uint32_t len;
+};
+#define DC_ASHMEM_SET_NAME _IOW(0x77, 1, char[256])
+#define DC_ASHMEM_SET_SIZE _IOW(0x77, 3, size_t)
+#define DC_ASHMEM_PIN _IOW(0x77, 7, struct dc_ashmem_pin)
+#define DC_ASHMEM_UNPIN _IOW(0x77, 8, struct dc_ashmem_pin)
+#define DC_ASHMEM_GET_PIN_STATUS _IO(0x77, 9)
+#define DC_ASHMEM_PURGE_ALL_CACHES _IO(0x77, 10)
+#define DC_ASHMEM_WAS_PURGED 1
+
+/* PIN/UNPIN of [offset, offset+len) (len 0: to the end); PIN returns ASHMEM_WAS_PURGED or
+ * ASHMEM_NOT_PURGED, or -1 with errno. */
+static int dc_ashmem_pin(int fd, unsigned long request, uint32_t offset, uint32_t len) {
+    struct dc_ashmem_pin pin;
+    pin.offset = offset;
+    pin.len = len;
+    return ioctl(fd, request, &pin);
 }
 
 /* ---- SIGBUS guard ----
@@ -217,24 +267,30 @@ static int dc_guarded_probe(char *start, size_t npages, size_t page, uintptr_t *
 }
 
 /* Lock in SIGBUS mode: an atomic read-modify-write of each page's first word re-dirties it (the
- * lazy free is cancelled); a page the kernel discarded faults instead, is counted, filled with the
- * zero page through the userfaultfd and written again.  Returns the number of purged pages, or -1
- * with errno when a purged page cannot be filled. */
-static long dc_sigbus_lock(char *base, size_t npages, size_t page, int uffd) {
+ * lazy free is cancelled); a page the kernel discarded faults instead.  On the first fault, every
+ * missing page from there on is found with mincore and filled with the zero page through the
+ * userfaultfd (one ioctl per run); a later fault (a page discarded meanwhile) fills that page.
+ * The count is of pages filled, so a page is counted once.  vec: npages bytes for mincore.
+ * Returns the number of purged pages, or -1 with errno when a purged page cannot be filled. */
+static long dc_sigbus_lock(char *base, size_t npages, size_t page, int uffd, unsigned char *vec) {
     volatile size_t i = 0;
     volatile long purged = 0;
-    volatile size_t refaults = 0;
-    volatile size_t last_purged = (size_t)-1;
+    volatile int refaults = 0;
+    volatile int swept = 0;
+    long filled;
     sigjmp_buf env;
     if (sigsetjmp(env, 0)) {
-        if (i != last_purged) {
-            purged++;
-            last_purged = i;
-        }
         if (++refaults > 2)
             return errno = EFAULT, -1;
-        if (dc_uffd_zeropage(uffd, base + i * page, page) != 0)
+        if (!swept && vec != NULL) {
+            swept = 1;
+            filled = dc_uffd_fill_missing(uffd, base, i, npages, page, vec);
+        } else {
+            filled = dc_uffd_zero_fill(uffd, base + i * page, page, page);
+        }
+        if (filled < 0)
             return -1;
+        purged += filled;
     }
     dc_arm(&env, (uintptr_t)base, (uintptr_t)base + npages * page);
     for (; i < npages; i++) {

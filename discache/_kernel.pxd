@@ -111,10 +111,17 @@ cdef extern from "_dckernel.h" nogil:
     size_t dc_cookie_lock(char *base, size_t npages, size_t page, const uint64_t *saved)
     int dc_uffd_open_sigbus()
     int dc_uffd_register_missing(int fd, void *addr, size_t length)
-    int dc_uffd_zeropage(int fd, void *addr, size_t length)
+    long dc_uffd_zero_fill(int fd, char *addr, size_t length, size_t page)
     int dc_install_sigbus_handler()
     int dc_sigbus_handler_installed()
     int dc_guarded_copy(void *dst, const void *src, size_t n,
                         size_t lo, size_t hi, size_t *fault)
     int dc_guarded_probe(char *start, size_t npages, size_t page, size_t *fault)
-    long dc_sigbus_lock(char *base, size_t npages, size_t page, int uffd)
+    long dc_sigbus_lock(char *base, size_t npages, size_t page, int uffd, unsigned char *vec)
+    unsigned long DC_ASHMEM_SET_NAME
+    unsigned long DC_ASHMEM_SET_SIZE
+    unsigned long DC_ASHMEM_PIN
+    unsigned long DC_ASHMEM_UNPIN
+    unsigned long DC_ASHMEM_PURGE_ALL_CACHES
+    int DC_ASHMEM_WAS_PURGED
+    int dc_ashmem_pin(int fd, unsigned long request, unsigned int offset, unsigned int length)

@@ -3,6 +3,7 @@
 
 import operator as _operator
 import os as _os
+import time as _time
 
 
 def page_size() -> int:
@@ -119,3 +120,33 @@ def on_every_cpu(fn) -> None:
             fn()
     finally:
         _os.sched_setaffinity(0, original)
+
+
+RECLAIM_ATTEMPTS = 4
+
+
+def reclaim_unlocked(advise, resident, Py_ssize_t count) -> tuple:
+    """Make the kernel discard a MADV_FREE'd range now; (pages gone, attempts made).
+
+    advise(advice) madvises the range; resident() counts its pages still resident.
+    """
+    cdef Py_ssize_t left = 0
+    cdef int attempt = 0
+    for attempt in range(RECLAIM_ATTEMPTS):
+        if attempt > 1:
+            _time.sleep(0.001 * attempt)  # let a short-lived holder of the page finish
+        # Measured on 6.18: a MADV_PAGEOUT issued while another CPU's LRU batch still holds a
+        # freed page does not discard it and even cancels its lazy free.  So first drain the
+        # batches of every CPU (MADV_COLD drains the local ones), then page out from each CPU.
+        on_every_cpu(lambda: advise(MADV_COLD))
+        on_every_cpu(lambda: advise(MADV_PAGEOUT))
+        left = resident()
+        if left == 0:
+            break
+        # Rarely a page is still kept: reclaim cannot take a page another reclaimer holds
+        # isolated meanwhile (here: the kdamond of a DAMON paddr monitor with a pageout scheme,
+        # seen holding pages off the LRU for seconds), and MADV_FREE skips such a page.  The
+        # range is unlocked, so free it again (what unlock did) and retry a few times; what is
+        # still kept after that is kept, and not counted.
+        advise(MADV_FREE)
+    return count - left, attempt + 1

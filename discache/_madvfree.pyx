@@ -9,6 +9,8 @@ import weakref as _weakref
 # Page loops over at least this many pages run without the GIL.
 cdef Py_ssize_t MADVFREE_NOGIL_PAGES = 2048
 
+# force_reclaim retries: each one frees the kept pages again and drains and pages out again.
+
 # SIGBUS-mode memories of this process: a forked child must register them with its own
 # userfaultfd, since fork() drops the registration (no UFFD_FEATURE_EVENT_FORK).
 _SIGBUS_MEMORIES = _weakref.WeakSet()
@@ -48,6 +50,9 @@ cdef class MadvFreeMemory(MappedMemory):
         cdef Py_ssize_t i
         if dc_install_sigbus_handler() != 0:
             raise _oserror(errno, "cannot install the SIGBUS handler")
+        self.residency = <unsigned char *>calloc(self.npages, 1)
+        if self.residency == NULL:
+            raise MemoryError(f"cannot allocate the bookkeeping of {self.npages} pages")
         # A page never touched is missing too: it would fault on first use.
         for i in range(self.npages):
             self.base[i * self.page] = 0
@@ -84,6 +89,8 @@ cdef class MadvFreeMemory(MappedMemory):
             self.uffd = -1
         free(self.saved)
         self.saved = NULL
+        free(self.residency)
+        self.residency = NULL
 
     @property
     def backend(self) -> str:
@@ -99,16 +106,18 @@ cdef class MadvFreeMemory(MappedMemory):
             raise RuntimeError("discardable memory is already locked (locks do not nest)")
         if self.sigbus and self.uffd_lost:
             # Pages fault in as zeros now; which ones the kernel discarded cannot be known.
-            dc_sigbus_lock(self.base, self.npages, self.page, -1)
+            dc_sigbus_lock(self.base, self.npages, self.page, -1, NULL)
             purged = self.npages
         elif self.sigbus:
             if self.npages >= MADVFREE_NOGIL_PAGES:
                 self.busy = True
                 with nogil:
-                    purged = dc_sigbus_lock(self.base, self.npages, self.page, self.uffd)
+                    purged = dc_sigbus_lock(self.base, self.npages, self.page, self.uffd,
+                                            self.residency)
                 self.busy = False
             else:
-                purged = dc_sigbus_lock(self.base, self.npages, self.page, self.uffd)
+                purged = dc_sigbus_lock(self.base, self.npages, self.page, self.uffd,
+                                            self.residency)
             if purged < 0:
                 err = errno
                 raise _oserror(err, "cannot fill a purged page through the userfaultfd")
@@ -161,136 +170,8 @@ cdef class MadvFreeMemory(MappedMemory):
             self.uffd = -1
         free(self.saved)
         self.saved = NULL
-
-    @property
-    def data(self) -> memoryview:
-        """Writable memoryview of the nbytes; only while locked, released by unlock()/close()."""
-        cdef object view = self.view
-        self._check_open()
-        if not self.locked:
-            raise RuntimeError("discardable memory is unlocked: lock() it before using .data")
-        if view is not None:
-            try:
-                view.nbytes
-                return view
-            except ValueError:  # the caller released it
-                pass
-        view = memoryview(self)
-        self.view = view
-        return view
-
-    def __getbuffer__(self, Py_buffer *buffer, int flags):
-        self._check_open()
-        if not self.locked:
-            raise RuntimeError("discardable memory is unlocked: lock() it before using it")
-        PyBuffer_FillInfo(buffer, self, self.base, self.nbytes, 0, flags)
-        self.exports += 1
-
-    def __releasebuffer__(self, Py_buffer *buffer):
-        self.exports -= 1
-
-    def __enter__(self) -> memoryview:
-        if not self.lock():
-            raise PurgedError(
-                f"{self.purged_pages} of {self.npages} pages were purged; the memory is locked "
-                "with undefined contents: refill mem.data, then unlock() or close()")
-        return self.data
-
-    def __exit__(self, *exc_info) -> None:
-        if self.locked and not self.closed_:
-            self.unlock()
-
-    cdef int _check_access(self, Py_ssize_t offset, Py_ssize_t size) except -1:
-        self._check_open()
-        if offset < 0 or size < 0 or offset > self.nbytes or size > self.nbytes - offset:
-            raise ValueError(f"range [{offset}, {offset}+{size}) is outside the "
-                             f"{self.nbytes} bytes of the memory")
-        if not self.locked:
-            if not self.sigbus:
-                raise RuntimeError("discardable memory is unlocked: lock() it first (only the "
-                                   "madvfree-sigbus backend reads and writes unlocked memory)")
-            if self.uffd_lost:
-                raise RuntimeError("this forked child could not register the memory with a "
-                                   "userfaultfd: lock() it first")
-            # Someone (faulthandler.enable()) may have put another SIGBUS handler over ours.
-            if not dc_sigbus_handler_installed() and dc_install_sigbus_handler() != 0:
-                raise _oserror(errno, "cannot reinstall the SIGBUS handler")
-        return 0
-
-    cdef int _raise_purged(self, size_t address) except -1:
-        cdef size_t page_address = address - address % self.page
-        raise PurgedPageError(
-            page_address, f"page at offset {page_address - <size_t>self.base} (address "
-            f"{page_address:#x}) was purged while unlocked; lock() the memory and refill it")
-
-    def read(self, Py_ssize_t offset=0, Py_ssize_t size=-1) -> bytes:
-        """Copy bytes out; unlocked SIGBUS-mode memory raises PurgedPageError on a purged page."""
-        cdef size_t fault = 0
-        cdef bytes out
-        cdef char *dst
-        if size < 0 and offset >= 0 and offset <= self.nbytes:
-            size = self.nbytes - offset
-        self._check_access(offset, size)
-        out = PyBytes_FromStringAndSize(NULL, size)
-        dst = PyBytes_AS_STRING(out)
-        if self.locked:
-            memcpy(dst, self.base + offset, size)
-        elif dc_guarded_copy(dst, self.base + offset, size, <size_t>self.base,
-                             <size_t>self.base + self.mapped, &fault) != 0:
-            self._raise_purged(fault)
-        return out
-
-    def readinto(self, buffer, Py_ssize_t offset=0) -> int:
-        """Copy into a writable buffer as many bytes as fit; returns the count."""
-        cdef Py_buffer target
-        cdef size_t fault = 0
-        cdef Py_ssize_t size
-        cdef int rc = 0
-        PyObject_GetBuffer(buffer, &target, PyBUF_SIMPLE | PyBUF_WRITABLE)
-        try:
-            size = target.len
-            if offset >= 0 and offset <= self.nbytes and size > self.nbytes - offset:
-                size = self.nbytes - offset
-            self._check_access(offset, size)
-            if self.locked:
-                memmove(target.buf, self.base + offset, size)
-            else:
-                rc = dc_guarded_copy(target.buf, self.base + offset, size, <size_t>self.base,
-                                     <size_t>self.base + self.mapped, &fault)
-        finally:
-            PyBuffer_Release(&target)
-        if rc != 0:
-            self._raise_purged(fault)
-        return size
-
-    def write(self, data, Py_ssize_t offset=0) -> int:
-        """Copy bytes in; unlocked SIGBUS-mode memory raises PurgedPageError, writing nothing."""
-        cdef Py_buffer source
-        cdef size_t fault = 0, first, last
-        cdef Py_ssize_t size
-        cdef int rc = 0
-        PyObject_GetBuffer(data, &source, PyBUF_SIMPLE)
-        try:
-            size = source.len
-            self._check_access(offset, size)
-            if self.locked:
-                memmove(self.base + offset, source.buf, size)
-            elif size:
-                # Probe every page first (a read does not re-dirty), so a purge found before
-                # the copy writes nothing; a purge racing the copy is still reported.
-                first = offset // self.page
-                last = (offset + size - 1) // self.page
-                rc = dc_guarded_probe(self.base + first * self.page, last - first + 1,
-                                      self.page, &fault)
-                if rc == 0:
-                    rc = dc_guarded_copy(self.base + offset, source.buf, size,
-                                         <size_t>self.base, <size_t>self.base + self.mapped,
-                                         &fault)
-        finally:
-            PyBuffer_Release(&source)
-        if rc != 0:
-            self._raise_purged(fault)
-        return size
+        free(self.residency)
+        self.residency = NULL
 
     def _purge(self) -> int:
         """Discard the pages now if unlocked (MADV_DONTNEED); returns how many were discarded."""
@@ -319,17 +200,19 @@ cdef class MadvFreeMemory(MappedMemory):
                 self.base + first * self.page, count * self.page, advice) != 0:
             raise _oserror(errno, f"madvise({advice})")
 
-    def _force_reclaim(self) -> int:
-        """Make the kernel discard the pages now if unlocked; returns how many are gone."""
+    def _force_reclaim(self, Py_ssize_t first=0, Py_ssize_t count=-1) -> int:
+        """Make the kernel discard pages [first, first+count) now if unlocked; returns how many."""
         self._check_open()
+        if count < 0:
+            count = self.npages - first
+        if first < 0 or count < 0 or first + count > self.npages:
+            raise ValueError(f"pages [{first}, {first}+{count}) are outside the memory")
         if self.locked:
             return 0
-        # Measured on 6.18: a MADV_PAGEOUT issued while another CPU's LRU batch still holds a
-        # freed page does not discard it and even cancels its lazy free.  So first drain the
-        # batches of every CPU (MADV_COLD drains the local ones), then page out from each CPU.
-        on_every_cpu(self._cold)
-        on_every_cpu(self._pageout)
-        return self.npages - self._resident_pages()
+        gone, self.reclaim_attempts = reclaim_unlocked(
+            lambda advice: self._advise(advice, False, first, count),
+            lambda: self._resident_pages(first, count), count)
+        return gone
 
     cdef int _check_unlocked_access(self) except -1:
         if not self.sigbus:

@@ -8,9 +8,9 @@ from cpython.buffer cimport (
 )
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcpy, memmove
+from libc.string cimport memcpy, memmove, memset
 
-from discache.errors import PurgedError, PurgedPageError
+from discache.errors import PurgedError as _PurgedError, PurgedPageError as _PurgedPageError
 
 
 cdef class MappedMemory:
@@ -113,7 +113,7 @@ cdef class MappedMemory:
 
     def __enter__(self) -> memoryview:
         if not self.lock():
-            raise PurgedError(
+            raise _PurgedError(
                 f"{self.purged_pages} of {self.npages} pages were purged; the memory is locked "
                 "with undefined contents: refill mem.data, then unlock() or close()")
         return self.data
@@ -137,7 +137,7 @@ cdef class MappedMemory:
 
     cdef int _raise_purged(self, size_t address) except -1:
         cdef size_t page_address = address - address % self.page
-        raise PurgedPageError(
+        raise _PurgedPageError(
             page_address, f"page at offset {page_address - <size_t>self.base} (address "
             f"{page_address:#x}) was purged while unlocked; lock() the memory and refill it")
 
@@ -210,22 +210,26 @@ cdef class MappedMemory:
             self._raise_purged(fault)
         return size
 
-    def _resident_pages(self) -> int:
-        """How many pages mincore() reports resident."""
+    def _resident_pages(self, Py_ssize_t first=0, Py_ssize_t count=-1) -> int:
+        """How many of pages [first, first+count) (-1: to the end) mincore() reports resident."""
         cdef unsigned char *vec
-        cdef Py_ssize_t i, count = 0
+        cdef Py_ssize_t i, resident = 0
         self._check_open()
-        vec = <unsigned char *>calloc(self.npages, 1)
+        if count < 0:
+            count = self.npages - first
+        if first < 0 or count < 0 or first + count > self.npages:
+            raise ValueError(f"pages [{first}, {first}+{count}) are outside the memory")
+        vec = <unsigned char *>calloc(count + 1, 1)
         if vec == NULL:
             raise MemoryError()
         try:
-            if mincore(self.base, self.mapped, vec) != 0:
+            if count and mincore(self.base + first * self.page, count * self.page, vec) != 0:
                 raise _oserror(errno, "mincore")
-            for i in range(self.npages):
-                count += vec[i] & 1
+            for i in range(count):
+                resident += vec[i] & 1
         finally:
             free(vec)
-        return count
+        return resident
 
     def __repr__(self) -> str:
         state = "closed" if self.closed_ else ("locked" if self.locked else "unlocked")

@@ -45,5 +45,6 @@ cdef class PageTable:
     cdef bint _unmark(self, uint32_t a, uint32_t b) except -1
     cdef bint _walk_clear(self, uint32_t lo, uint32_t hi) noexcept nogil
     cdef int _state(self, uint32_t p) noexcept
+    cdef int _purge(self, uint32_t p) noexcept nogil
     cdef uint32_t _new_token(self) noexcept nogil
     cdef void _renumber(self) noexcept nogil

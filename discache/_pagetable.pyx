@@ -413,31 +413,40 @@ cdef class PageTable:
     def purge(self, page) -> bool:
         """The reclaimer's step: discard one present volatile page; False if it is not one."""
         cdef uint32_t p = self._check_page(page)
-        cdef Py_ssize_t k
-        cdef uint32_t e
-        cdef uint32_t *grown
-        cdef VolatileRange *r
+        cdef int done
         self._acquire()
         try:
-            k = self._find(p)
-            e = self.entries[p]
-            if k < 0 or not (e & DC_PRESENT):
-                return False
-            r = &self.ranges[k]
-            self.pte_visits += 1
-            if not self.walk and not _recorded(r, p, e, self.token_mask):
-                if r.npurged == r.cap:
-                    grown = <uint32_t *>realloc(r.purged, max(4, 2 * r.cap) * sizeof(uint32_t))
-                    if grown == NULL:
-                        raise MemoryError("cannot grow a purge record")
-                    r.purged = grown
-                    r.cap = max(4, 2 * r.cap)
-                r.purged[r.npurged] = p
-                r.npurged += 1
-            self.entries[p] = DC_LOST | r.token
-            return True
+            done = self._purge(p)
         finally:
             self._release()
+        if done < 0:
+            raise MemoryError("cannot grow a purge record")
+        return done == 1
+
+    cdef int _purge(self, uint32_t p) noexcept nogil:
+        """purge() for a compiled reclaimer holding the lock: 1 if page p was present and volatile
+        and is now purged, 0 if it is not such a page, -1 if its purge record cannot grow (then
+        only pte_visits has changed)."""
+        cdef Py_ssize_t k = self._find(p)
+        cdef uint32_t e = self.entries[p], newcap
+        cdef uint32_t *grown
+        cdef VolatileRange *r
+        if k < 0 or not (e & DC_PRESENT):
+            return 0
+        r = &self.ranges[k]
+        self.pte_visits += 1
+        if not self.walk and not _recorded(r, p, e, self.token_mask):
+            if r.npurged == r.cap:
+                newcap = 2 * r.cap if 2 * r.cap > 4 else 4
+                grown = <uint32_t *>realloc(r.purged, newcap * sizeof(uint32_t))
+                if grown == NULL:
+                    return -1
+                r.purged = grown
+                r.cap = newcap
+            r.purged[r.npurged] = p
+            r.npurged += 1
+        self.entries[p] = DC_LOST | r.token
+        return 1
 
     def state(self, page) -> str:
         """'absent', 'present', 'volatile' or 'purged'."""
@@ -485,7 +494,8 @@ cdef class PageTable:
                 f"ranges={self.nranges}, pte_visits={self.pte_visits})")
 
 
-cdef inline bint _recorded(VolatileRange *r, uint32_t page, uint32_t entry, uint32_t mask) noexcept:
+cdef inline bint _recorded(VolatileRange *r, uint32_t page, uint32_t entry,
+                           uint32_t mask) noexcept nogil:
     """Is page already in r's purge records?  Its mark says so only when the tokens match, and
     after a counter wrap a matching mark may be stale, so the records themselves decide then."""
     cdef uint32_t q

@@ -137,30 +137,46 @@ cdef class Segment:
 
     def discard_span(self, Py_ssize_t first, Py_ssize_t count) -> None:
         """Throw pages away now (a policy purge); the next lock_span reports them."""
+        self._check_span(first, count)
+        self._drop(first, count, 1)
+
+    def claim_span(self, Py_ssize_t first, Py_ssize_t count) -> None:
+        """Hand out pages as a new locked span: forget what happened to their last owner."""
         cdef Py_ssize_t i
         self._check_span(first, count)
+        if self.lost != NULL:
+            for i in range(first, first + count):
+                self.lost[i] = 0
+
+    def release_span(self, Py_ssize_t first, Py_ssize_t count) -> None:
+        """Give a freed span's pages back to the kernel (MADV_DONTNEED / punch hole)."""
+        self._check_span(first, count)
+        self._drop(first, count, 0)
+
+    cdef int _drop(self, Py_ssize_t first, Py_ssize_t count, uint8_t lost) except -1:
+        """Free the pages (they read back as zeros); memfd: record them as lost or not."""
+        cdef Py_ssize_t i
         if self.kind == "madvfree":
             if madvise(self.base + first * self.page, count * self.page, MADV_DONTNEED) != 0:
                 raise _oserror(errno, "madvise(MADV_DONTNEED)")
-            return
+            return 0
         if fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                      first * self.page, count * self.page) != 0:
             raise _oserror(errno, "fallocate(PUNCH_HOLE)")
         for i in range(first, first + count):
-            self.lost[i] = 1
+            self.lost[i] = lost
+        return 0
 
     def reclaim_span(self, Py_ssize_t first, Py_ssize_t count) -> int:
         """Make the kernel discard the span's unlocked pages now; returns how many are gone.
 
-        madvfree: MADV_COLD then MADV_PAGEOUT from every CPU (per-CPU LRU batches hide pages from
-        the others).  memfd: without swap the kernel cannot reclaim shmem, so this punches a hole."""
+        madvfree: see reclaim_unlocked (a page the kernel keeps is not counted).  memfd: without swap the kernel cannot reclaim shmem, so this punches a hole."""
         self._check_span(first, count)
         if self.kind == "memfd":
             self.discard_span(first, count)
             return count
-        on_every_cpu(lambda: self._advise(MADV_COLD, first, count))
-        on_every_cpu(lambda: self._advise(MADV_PAGEOUT, first, count))
-        return count - self.resident_pages(first, count)
+        return reclaim_unlocked(lambda advice: self._advise(advice, first, count),
+                                lambda: self.resident_pages(first, count), count)[0]
 
     def _advise(self, int advice, Py_ssize_t first, Py_ssize_t count) -> None:
         if madvise(self.base + first * self.page, count * self.page, advice) != 0:

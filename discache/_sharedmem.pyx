@@ -47,7 +47,7 @@ cdef class DiscardableSharedMemory:
         raise TypeError("use DiscardableSharedMemory.create(nbytes) or .open(fd, nbytes)")
 
     @classmethod
-    def create(cls, nbytes) -> "DiscardableSharedMemory":
+    def create(cls, nbytes) -> DiscardableSharedMemory:
         """A new segment of nbytes, locked by this instance."""
         cdef DiscardableSharedMemory self = cls.__new__(cls)
         cdef Py_ssize_t n = _check_nbytes(nbytes)
@@ -59,7 +59,7 @@ cdef class DiscardableSharedMemory:
         return self
 
     @classmethod
-    def open(cls, fd, nbytes) -> "DiscardableSharedMemory":
+    def open(cls, fd, nbytes) -> DiscardableSharedMemory:
         """Map a segment made by create() in any process; fd is duplicated, not taken over."""
         cdef DiscardableSharedMemory self = cls.__new__(cls)
         cdef Py_ssize_t n = _check_nbytes(nbytes)
@@ -296,7 +296,7 @@ cdef class DiscardableSharedMemory:
         close(self.fd)
         self.fd = -1
 
-    def __enter__(self) -> "DiscardableSharedMemory":
+    def __enter__(self) -> DiscardableSharedMemory:
         return self
 
     def __exit__(self, *exc_info) -> None:

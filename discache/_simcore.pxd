@@ -1,39 +1,39 @@
-from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from cpython.pythread cimport PyThread_type_lock
 
 
-# One simulated physical page.  Allocated frames sit on the LRU list (prev/next, most recent at
-# the head); free frames are chained through `next`.  (owner, index) is the reverse map: the page
-# `index` of every Pager of group `owner` whose slot holds this frame maps it.
-ctypedef struct SimFrame:
-    uint32_t prev
-    uint32_t next
-    uint32_t owner
-    uint32_t index
-    uint16_t mapcount
-    uint16_t flags
+# Progress of one reclaim call, shared by the span scans of its laps.
+ctypedef struct ScanState:
+    Py_ssize_t want                   # pages to free
+    Py_ssize_t freed
+    Py_ssize_t cleared                # candidates given a second chance in the current lap
+    uint64_t scanned                  # page entries visited
+    int stop                          # why a span scan returned early (SCAN_* in _simcore.pyx)
 
 
-# The simulated physical memory and swap of discache.sim: frames, LRU, faults and reclaim.
+# The simulated physical memory and swap of discache.sim: frames, faults and CLOCK reclaim.
+# A frame costs 3 bytes (mapcount, flags) and a bit of the free set; it keeps no LRU links and no
+# reverse map: reclaim walks the page tables (Pagers), and a frame shared after fork sits at the
+# same page of every Pager of its fork family.
 cdef class SimCore:
-    cdef SimFrame *frames             # frames[1..nframes]; 0 means "no frame"
+    cdef uint16_t *mapcounts          # per frame (1..nframes): mappings of it; 0 when free
+    cdef uint8_t *fflags              # per frame: SIM_DATA, SIM_LAZYFREE, SIM_PINNED, SIM_REFERENCED
+    cdef FreeMap free_frames          # bit f-1 set <=> frame f is free
     cdef unsigned char *ram           # nframes * page_size bytes, zero until written
     cdef unsigned char *swap          # nswap * page_size bytes
     cdef uint16_t *swap_refs          # per swap slot: how many slots of Pagers point at it
     cdef unsigned char *swap_dirty    # per swap slot: its bytes may be non-zero
-    cdef uint32_t *swap_free          # stack of free swap slots
+    cdef FreeMap free_slots           # bit s set <=> swap slot s is free
     cdef readonly uint32_t nframes
     cdef readonly uint32_t nswap
     cdef readonly uint32_t page_size
-    cdef readonly uint32_t nfree
-    cdef readonly uint32_t nswap_free
     cdef readonly uint32_t nlazyfree
-    cdef uint32_t free_head
-    cdef uint32_t lru_head
-    cdef uint32_t lru_tail
     cdef PyThread_type_lock mutex
     cdef list owners                  # owner id -> list of the Pagers in that rmap group
-    cdef public bint force_aging      # scan for discardable pages even with nothing volatile
+    cdef list pagers                  # every attached Pager in attach order: the clock's circle
+    cdef Py_ssize_t hand_pager[2]     # clock hands (discard, swap): a Pager's place in pagers...
+    cdef uint32_t hand_page[2]        # ...and a page of it
+    cdef public bint force_aging      # scan every page for discardable ones, even with none volatile
     cdef readonly uint64_t faults
     cdef readonly uint64_t zero_page_faults
     cdef readonly uint64_t cow_faults
@@ -47,8 +47,6 @@ cdef class SimCore:
     cdef readonly uint64_t madv_free_visits
 
     cdef unsigned char *_page(self, uint32_t f) noexcept nogil
-    cdef void _lru_add(self, uint32_t f) noexcept nogil
-    cdef void _lru_del(self, uint32_t f) noexcept nogil
     cdef int _lock(self) except -1
     cdef void _unlock(self) noexcept
     cdef uint32_t _alloc(self) except 0
@@ -61,9 +59,18 @@ cdef class SimCore:
     cdef Py_ssize_t _lazyfree(self, Pager pg, uint32_t a, uint32_t b) noexcept nogil
     cdef void _share(self, Pager parent, Pager child, uint32_t n) noexcept nogil
     cdef void _swap_put(self, uint32_t slot) noexcept nogil
+    cdef uint32_t _swap_take(self, uint32_t f) noexcept nogil
     cdef int _fault(self, Pager pg, uint32_t idx, bint write) except -1
-    cdef int _discardable(self, uint32_t f) except -1
-    cdef int _unmap_all(self, uint32_t f, bint purge) except -1
-    cdef int _swap_out(self, uint32_t f) except -1
+    cdef int _family_verdict(self, Pager pg, uint32_t idx, bint need_volatile) except -2
+    cdef int _unmap_family(self, Pager pg, uint32_t idx, bint purge) except -1
+    cdef int _swap_out_family(self, Pager pg, uint32_t idx) except -1
+    cdef int _visit(self, Pager pg, uint32_t idx, bint volatile, int phase,
+                    ScanState *st) noexcept nogil
+    cdef int _visit_shared(self, Pager pg, uint32_t idx, int phase, ScanState *st) except -1
+    cdef uint32_t _scan(self, Pager pg, uint32_t lo, uint32_t hi, int phase,
+                        ScanState *st) noexcept nogil
+    cdef int _lap(self, int phase, ScanState *st) except -1
     cdef bint _aging_needed(self) noexcept
     cdef Py_ssize_t _reclaim(self, Py_ssize_t n) except -1
+    cdef uint32_t _count_private(self, Pager pg, uint32_t a, uint32_t b,
+                                 Py_ssize_t *count) noexcept nogil

@@ -11,9 +11,10 @@ from typing import Any, Callable, Hashable, Iterator, NamedTuple, Optional
 import mmh3
 
 from ._core import SWEEP_EVERY, CacheCore, CacheEntry, CacheShard
-from .manager import DiscardableMemoryManager, ManagedMemory, default_manager
+from .manager import PAGE, DiscardableMemoryManager, ManagedMemory, default_manager
 
 EVICTION_REASONS = ("size", "purged", "explicit")
+PURGED_KEYS_KEPT = 4096  # per shard: purged keys remembered to count their regeneration
 
 
 class CacheInfo(NamedTuple):
@@ -68,12 +69,14 @@ class DiscardableCache(CacheCore, MutableMapping):
         self._init_shards(shards)
         for shard in self._shards:
             shard.lock = threading.RLock()
-        self._size_lock = threading.Lock()
+        self._size_lock = threading.Lock()  # currsize and the counters the shards share
         self._currsize = 0
         self._last_sweep = manager.clock()
         self.evictions = {reason: 0 for reason in EVICTION_REASONS}
         self.regenerations = 0
         self.purges_detected = 0
+        self.purged_bytes = 0  # bytes of entries found purged
+        self.relocks = 0  # idle entries locked again intact
 
     # ------------------------------------------------------------------ the mapping
 
@@ -151,7 +154,7 @@ class DiscardableCache(CacheCore, MutableMapping):
                 shard.remove(key)
                 self._release(old, weight=True)
             shard.add(entry)
-            shard.purged_keys.discard(key)
+            shard.purged_keys.pop(key, None)
             with self._size_lock:
                 self._currsize += weight
         self._evict_for_size(shard)
@@ -197,7 +200,9 @@ class DiscardableCache(CacheCore, MutableMapping):
         created = factory()
         shard = self._shard(key)
         with shard.lock:
-            if key in shard.purged_keys:
+            regenerated = shard.purged_keys.pop(key, _MISSING) is not _MISSING
+        if regenerated:
+            with self._size_lock:
                 self.regenerations += 1
         self[key] = created
         with memoryview(created) as view:
@@ -294,11 +299,17 @@ class DiscardableCache(CacheCore, MutableMapping):
         if intact:
             entry.locked = True
             entry.used = True
+            with self._size_lock:
+                self.relocks += 1
             return True
+        with self._size_lock:
+            self.purged_bytes += entry.mem.npages * PAGE
+            self.purges_detected += 1
         shard.remove(entry.key)
         self._release(entry, weight=True)
-        shard.purged_keys.add(entry.key)
-        self.purges_detected += 1
+        shard.purged_keys[entry.key] = None
+        if len(shard.purged_keys) > PURGED_KEYS_KEPT:  # only to count regenerations: bounded
+            del shard.purged_keys[next(iter(shard.purged_keys))]
         return False
 
     def _release(self, entry: CacheEntry, weight: bool) -> None:
@@ -309,7 +320,8 @@ class DiscardableCache(CacheCore, MutableMapping):
                 self._currsize -= entry.weight
 
     def _evicted(self, key: Hashable, reason: str) -> None:
-        self.evictions[reason] += 1
+        with self._size_lock:
+            self.evictions[reason] += 1
         if self.on_evict is not None:
             self.on_evict(key, reason)
 
@@ -355,6 +367,28 @@ class DiscardableCache(CacheCore, MutableMapping):
                     if not entry.locked and entry.mem is not None:
                         gone += entry.mem._force_reclaim()
         return gone
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """The numbers discache.metrics exports for this cache (its own entries only)."""
+        allocated = locked = 0
+        for shard in self._shards:
+            with shard.lock:
+                for e in shard.entries.values():
+                    if e.mem is not None:
+                        allocated += e.mem.npages * PAGE
+                        locked += e.mem.npages * PAGE if e.locked else 0
+        stats = self.stats()
+        return {
+            "allocated_bytes": allocated,
+            "locked_bytes": locked,
+            "unlocked_bytes": allocated - locked,
+            "purged_bytes": self.purged_bytes,
+            "locks": {"success": self.relocks, "purged": self.purges_detected, "failed": 0},
+            "evictions": dict(self.evictions),
+            "hits": stats["hits"],
+            "misses": stats["misses"],
+            "regenerations": self.regenerations,
+        }
 
     def stats(self) -> dict[str, int]:
         """Hits, misses, purges, regenerations, evictions by reason, sizes and locked entries."""

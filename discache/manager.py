@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 from . import _core
 from .errors import BackendUnavailableError, PurgedError
 from .heap import Span, SpanHeap
-from .memory import DiscardableMemory
+from .memory import CopyingAccessors
 
 PAGE = _core.page_size()
 SEGMENT_BYTES = 4 << 20  # Chromium's client segment size
@@ -47,7 +47,7 @@ def _segment_factory(backend: str) -> tuple[str, Callable[[int], Any]]:
     return chosen, lambda npages: _core.Segment(npages, chosen)
 
 
-class ManagedMemory(DiscardableMemory):
+class ManagedMemory(CopyingAccessors):
     """A page span of a manager's segment, with DiscardableMemory's lock/unlock/data."""
 
     def __init__(self, manager: "DiscardableMemoryManager", span: Span, segment: Any,
@@ -98,7 +98,8 @@ class ManagedMemory(DiscardableMemory):
         if self._view is None:
             if self._buffer is None:
                 self._buffer = self._segment.span_buffer(self.offset, self.nbytes)
-            self._view = memoryview(self._buffer)
+            with memoryview(self._buffer) as whole:
+                self._view = whole[:self.nbytes]
         return self._view
 
     def _release_view(self) -> None:
@@ -109,9 +110,11 @@ class ManagedMemory(DiscardableMemory):
                 raise BufferError("an object still holds a buffer of mem.data; release it first") \
                     from None
             self._view = None
-        if self._buffer is not None and self._buffer.exports:
-            raise BufferError(f"{self._buffer.exports} view(s) of mem.data (slices, arrays...) "
-                              "are still alive; release them first")
+        if self._buffer is not None:
+            if self._buffer.exports:
+                raise BufferError(f"{self._buffer.exports} view(s) of mem.data (slices, "
+                                  "arrays...) are still alive; release them first")
+            self._buffer = None  # a span's buffer is valid for one lock (simulated: a copy)
 
     def lock(self) -> bool:
         """Lock; True if intact, False if anything was purged (contents undefined: refill)."""
@@ -136,35 +139,6 @@ class ManagedMemory(DiscardableMemory):
             return
         self._release_view()
         self._manager._free(self)
-
-    def _range(self, offset: int, size: int) -> tuple[int, int]:
-        if size < 0 and 0 <= offset <= self.nbytes:
-            size = self.nbytes - offset
-        if offset < 0 or size < 0 or offset + size > self.nbytes:
-            raise ValueError(f"range [{offset}, {offset}+{size}) is outside the {self.nbytes} "
-                             "bytes of the memory")
-        return offset, size
-
-    def read(self, offset: int = 0, size: int = -1) -> bytes:
-        """Copy bytes out (locked only)."""
-        self._check_locked()
-        offset, size = self._range(offset, size)
-        return self._segment.read(self.offset + offset, size)
-
-    def readinto(self, buffer: Any, offset: int = 0) -> int:
-        """Copy into a writable buffer as many bytes as fit (locked only); returns the count."""
-        self._check_locked()
-        with memoryview(buffer) as target, target.cast("B") as target:
-            offset, size = self._range(offset, min(target.nbytes, max(self.nbytes - offset, 0)))
-            target[:size] = self.data[offset:offset + size]
-        return size
-
-    def write(self, data: Any, offset: int = 0) -> int:
-        """Copy bytes in (locked only); returns the count."""
-        self._check_locked()
-        with memoryview(data) as source, source.cast("B") as source:
-            offset, _ = self._range(offset, source.nbytes)
-            return self._segment.write(self.offset + offset, source)
 
     def _force_reclaim(self) -> int:
         """Make the kernel discard the pages now if unlocked; returns how many are gone."""
@@ -239,7 +213,9 @@ class DiscardableMemoryManager:
                 self._next_segment += 1
                 self._heap.add_segment(segment_id, pages)
                 span = self._heap.allocate(npages)
-            mem = ManagedMemory(self, span, self._segments[span.segment], nbytes)
+            segment = self._segments[span.segment]
+            segment.claim_span(span.first, span.npages)
+            mem = ManagedMemory(self, span, segment, nbytes)
             self._live[id(mem)] = mem
             self.bytes_allocated += npages * PAGE
             self.bytes_locked += npages * PAGE
@@ -254,6 +230,8 @@ class DiscardableMemoryManager:
             if mem._purged:
                 lost, mem._purged = mem.npages, False
                 self.bytes_purged -= size
+            elif lost:
+                self.counters["purged_bytes_kernel"] += lost * PAGE
             mem._locked = True
             mem.purged_pages = lost
             self.bytes_locked += size
@@ -301,11 +279,10 @@ class DiscardableMemoryManager:
             size = mem.npages * PAGE
             self._unlocked.pop(id(mem), None)
             del self._live[id(mem)]
+            # Pages the application no longer wants: give them back now.
+            mem._segment.release_span(mem._span.first, mem._span.npages)
             if mem._locked:
                 self.bytes_locked -= size
-            elif not mem._purged:
-                # Pages the application no longer wants: give them back now.
-                mem._segment.discard_span(mem._span.first, mem._span.npages)
             if mem._purged:
                 self.bytes_purged -= size
             mem._closed = True
@@ -429,6 +406,20 @@ class DiscardableMemoryManager:
                 "free_pages": self._heap.free_pages,
                 "allocations": len(self._live),
                 **self.counters,
+            }
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """The numbers discache.metrics exports (see its module docstring for the keys)."""
+        with self._lock_:
+            c = self.counters
+            return {
+                "allocated_bytes": self.bytes_allocated,
+                "locked_bytes": self.bytes_locked,
+                "unlocked_bytes": self.bytes_unlocked,
+                "purged_bytes": sum(n for k, n in c.items() if k.startswith("purged_bytes_")),
+                "locks": {"success": c["locks_success"], "purged": c["locks_purged"],
+                          "failed": 0},
+                "pressure_events": {level: c[f"pressure_{level}"] for level in PRESSURE_LEVELS},
             }
 
     def __repr__(self) -> str:

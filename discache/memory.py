@@ -73,10 +73,49 @@ class DiscardableMemory(abc.ABC):
             self.unlock()
 
 
-DiscardableMemory.register(_core.MadvFreeMemory)
+DiscardableMemory.register(_core.MappedMemory)  # MadvFreeMemory, AshmemMemory
 
 
-class MemfdMemory(DiscardableMemory):
+class CopyingAccessors(DiscardableMemory):
+    """read/readinto/write on top of `data`, for the memories written in Python."""
+
+    @abc.abstractmethod
+    def _check_locked(self) -> None:
+        """Raise unless open and locked."""
+
+    def _range(self, offset: int, size: int) -> tuple[int, int]:
+        if size < 0 and 0 <= offset <= self.nbytes:
+            size = self.nbytes - offset
+        if offset < 0 or size < 0 or offset + size > self.nbytes:
+            raise ValueError(f"range [{offset}, {offset}+{size}) is outside the "
+                             f"{self.nbytes} bytes of the memory")
+        return offset, size
+
+    def read(self, offset: int = 0, size: int = -1) -> bytes:
+        """Copy bytes out (locked only)."""
+        self._check_locked()
+        offset, size = self._range(offset, size)
+        return bytes(self.data[offset:offset + size])
+
+    def readinto(self, buffer: Any, offset: int = 0) -> int:
+        """Copy into a writable buffer as many bytes as fit (locked only); returns the count."""
+        self._check_locked()
+        with memoryview(buffer) as target, target.cast("B") as target:
+            size = min(target.nbytes, max(self.nbytes - offset, 0))
+            offset, size = self._range(offset, size)
+            target[:size] = self.data[offset:offset + size]
+        return size
+
+    def write(self, data: Any, offset: int = 0) -> int:
+        """Copy bytes in (locked only); returns the count."""
+        self._check_locked()
+        with memoryview(data) as source, source.cast("B") as source:
+            offset, size = self._range(offset, source.nbytes)
+            self.data[offset:offset + size] = source
+        return size
+
+
+class MemfdMemory(CopyingAccessors):
     """Private discardable memory on a memfd segment; purged by policy, not by the kernel."""
 
     def __init__(self, nbytes: int) -> None:
@@ -164,37 +203,6 @@ class MemfdMemory(DiscardableMemory):
                 pass
         self._view = view = self._shm.data
         return view
-
-    def _range(self, offset: int, size: int) -> tuple[int, int]:
-        if size < 0 and 0 <= offset <= self.nbytes:
-            size = self.nbytes - offset
-        if offset < 0 or size < 0 or offset + size > self.nbytes:
-            raise ValueError(f"range [{offset}, {offset}+{size}) is outside the "
-                             f"{self.nbytes} bytes of the memory")
-        return offset, size
-
-    def read(self, offset: int = 0, size: int = -1) -> bytes:
-        """Copy bytes out (locked only)."""
-        self._check_locked()
-        offset, size = self._range(offset, size)
-        return bytes(self.data[offset:offset + size])
-
-    def readinto(self, buffer: Any, offset: int = 0) -> int:
-        """Copy into a writable buffer as many bytes as fit (locked only); returns the count."""
-        self._check_locked()
-        with memoryview(buffer) as target, target.cast("B") as target:
-            size = min(target.nbytes, max(self.nbytes - offset, 0))
-            offset, size = self._range(offset, size)
-            target[:size] = self.data[offset:offset + size]
-        return size
-
-    def write(self, data: Any, offset: int = 0) -> int:
-        """Copy bytes in (locked only); returns the count."""
-        self._check_locked()
-        with memoryview(data) as source, source.cast("B") as source:
-            offset, size = self._range(offset, source.nbytes)
-            self.data[offset:offset + size] = source
-        return size
 
     def _purge(self) -> int:
         """Free the pages now if unlocked; returns how many were freed."""

@@ -9,6 +9,7 @@ import pytest
 
 import discache
 from discache import _core, backends
+from kernel_reclaim import reclaim
 
 PAGE = _core.page_size()
 
@@ -107,9 +108,11 @@ def test_every_reclaimed_page_is_reported(make, npages):
     mem = make(npages * PAGE)
     fill(mem)
     mem.unlock()
-    assert discache.force_reclaim(mem) == npages
+    # What the kernel really discarded (it may keep a page another reclaimer holds, see
+    # docs/backends.md); lock() must report exactly that.
+    gone = reclaim(mem, at_least=max(1, npages // 2))
     assert mem.lock() is False
-    assert mem.purged_pages == npages
+    assert mem.purged_pages == len(gone)
     assert mem.is_locked
     # Contents are undefined, but the memory is usable: refill and keep going.
     pattern = fill(mem, seed=9)
@@ -144,7 +147,7 @@ def test_with_raises_purged_error_and_leaves_memory_locked(make):
     mem = make()
     fill(mem)
     mem.unlock()
-    discache.force_reclaim(mem)
+    reclaim(mem)
     with pytest.raises(discache.PurgedError, match="refill"):
         with mem:
             pytest.fail("the body must not run on purged memory")
@@ -221,6 +224,8 @@ def test_ashmem_says_why_and_what_to_use_instead():
         discache.allocate(PAGE, "ashmem")
     with pytest.raises(discache.BackendUnavailableError, match="ashmem"):
         discache.DiscardableMemoryAllocator("ashmem")
+    with pytest.raises(discache.BackendUnavailableError, match="5.18"):
+        _core.AshmemMemory(PAGE)  # the class itself says so too, when used directly
 
 
 def test_double_unlock_raises_and_changes_nothing(make):

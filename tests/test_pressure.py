@@ -241,3 +241,26 @@ def test_bad_monitor_arguments(tmp_path):
     with pytest.raises(RuntimeError, match="already started"):
         monitor.start()
     monitor.stop()
+
+
+@needs_trigger
+def test_real_stall_makes_the_manager_purge(thrash):
+    from discache.manager import PAGE, DiscardableMemoryManager
+
+    manager = DiscardableMemoryManager(16 * PAGE, "madvfree", segment_bytes=16 * PAGE)
+    mems = [manager.allocate(2 * PAGE) for _ in range(8)]
+    for mem in mems:
+        mem.unlock()
+    trigger = Trigger("some", 10_000, 2_000_000, "moderate")
+    manager.watch_pressure(path=PSI_FILE, triggers=[trigger])
+    try:
+        deadline = time.monotonic() + 20
+        while not manager.counters["pressure_moderate"] and time.monotonic() < deadline:
+            thrash.round()
+        if not manager.counters["pressure_moderate"]:
+            pytest.skip("could not cause real memory stall here")
+    finally:
+        manager.stop()
+    assert manager.bytes_resident <= manager.limit // 2, "moderate: down to half the limit"
+    assert sum(not mem.lock() for mem in mems) >= 4
+    assert monitor_threads() == []

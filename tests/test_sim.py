@@ -92,7 +92,7 @@ def test_sigbus_on_purged_volatile_page(kernel):
     p = kernel.spawn()
     a = filled(p, 4)
     p.madvise(a, 4 * PS, MADV_VOLATILE)
-    assert kernel.reclaim(1) == 1  # least recently used: page 0
+    assert kernel.reclaim(1) == 1  # a lap clears the referenced bits, the next takes page 0
     with pytest.raises(PurgedPageError) as info:
         p.read(a + 5, 1)
     assert info.value.address == a
@@ -133,7 +133,7 @@ def test_subrange_unmark_reports_only_its_own_purges(kernel):
     p = kernel.spawn()
     a = filled(p, 4)
     p.madvise(a, 4 * PS, MADV_VOLATILE)
-    p.read(a + 2 * PS, 1)  # pages 0, 1, 3 older than 2; 0 is the oldest
+    p.read(a + 2 * PS, 1)  # all four referenced: the clock takes page 0 on its second lap
     assert kernel.reclaim(1) == 1
     assert p.madvise(a + 2 * PS, 2 * PS, MADV_NONVOLATILE) == 0
     assert p.madvise(a + PS, PS, MADV_NONVOLATILE) == 0
@@ -223,18 +223,38 @@ def test_madv_free_on_shared_mapping_is_einval(kernel):
 # ------------------------------------------------------------------ reclaim
 
 
-def test_reclaim_takes_volatile_pages_first_lru_first(kernel):
+def test_reclaim_takes_volatile_pages_first_with_a_second_chance(kernel):
     p = kernel.spawn()
     a = filled(p, 4)  # non-volatile, the oldest pages of all
     v = filled(p, 4, b"v")
     p.madvise(v, 4 * PS, MADV_VOLATILE)
-    p.read(v, 1)  # page 0 of v becomes the most recently used
-    assert kernel.reclaim(3) == 3
-    assert p.read(v, 1) == b"v"
-    assert p.read(a, 9) == pattern(b"d", 0)
-    for i in (1, 2, 3):
+    # Every page was just written: the clock's first lap only clears the referenced bits of the
+    # volatile pages, the second takes the first of them.
+    assert kernel.reclaim(1) == 1
+    with pytest.raises(PurgedPageError):
+        p.read(v, 1)
+    p.read(v + 2 * PS, 1)  # page 2 of v is used again since that pass, pages 1 and 3 are not
+    assert kernel.reclaim(2) == 2
+    assert p.read(v + 2 * PS, 1) == b"v"
+    for i in (1, 3):
         with pytest.raises(PurgedPageError):
             p.read(v + i * PS, 1)
+    assert p.read(a, 9) == pattern(b"d", 0)  # locked pages are never taken, however old
+
+
+def test_swap_gives_recently_used_pages_a_second_chance():
+    k = SimulatedKernel(ram_pages=8, swap_pages=16, page_size=PS)
+    p = k.spawn()
+    a = filled(p, 4)
+    assert k.reclaim(1) == 1  # one lap clears every referenced bit, the next swaps page 0 out
+    p.read(a + 2 * PS, 1)
+    assert k.reclaim(2) == 2  # pages 1 and 3; page 2 was used since the last pass
+    assert k.stats()["swap_ins"] == 0
+    assert p.read(a + 2 * PS, 9) == pattern(b"d", 2)
+    assert k.stats()["swap_ins"] == 0
+    for i in (0, 1, 3):
+        assert p.read(a + i * PS, 9) == pattern(b"d", i)
+    assert k.stats()["swap_ins"] == 3
 
 
 def test_swapless_reclaim_frees_only_volatile_pages(kernel):
@@ -246,9 +266,41 @@ def test_swapless_reclaim_frees_only_volatile_pages(kernel):
     assert kernel.stats()["reclaim_scanned"] == scanned
     p.madvise(a + 4 * PS, 4 * PS, MADV_VOLATILE)
     assert kernel.reclaim(8) == 4
-    # It scanned the four locked pages, found them not discardable, and the four volatile ones.
+    # Only the volatile range is scanned: a lap clears the four referenced bits, a lap purges.
     assert kernel.stats()["reclaim_scanned"] == scanned + 8
     assert p.read(a, 9) == pattern(b"d", 0)
+
+
+def test_swapless_scan_cost_is_bounded_by_the_volatile_pages(kernel):
+    p = kernel.spawn()
+    filled(p, 40)  # locked pages: the hand never visits them
+    v = filled(p, 8, b"v")
+    p.madvise(v, 8 * PS, MADV_VOLATILE)
+    before = kernel.stats()["reclaim_scanned"]
+    assert kernel.reclaim(8) == 8
+    # A lap over the 8 volatile entries to clear their referenced bits, a lap to purge them.
+    assert kernel.stats()["reclaim_scanned"] - before == 16
+    assert kernel.reclaim(8) == 0
+    # Purged entries are still visited (once: a lap that clears no bit ends the call).
+    assert kernel.stats()["reclaim_scanned"] - before == 24
+
+
+def test_a_page_shared_after_fork_gets_one_second_chance(kernel):
+    p = kernel.spawn()
+    a = filled(p, 4)
+    p.madvise(a, 4 * PS, MADV_VOLATILE)
+    c = p.fork()  # every page shared, volatile in both
+    before = kernel.stats()["reclaim_scanned"]
+    # One lap clears each frame's bit once (not once per process), the next takes page 0.
+    assert kernel.reclaim(1) == 1
+    assert kernel.stats()["reclaim_scanned"] - before == 9
+    c.read(a + 2 * PS, 1)  # the child's access protects the frame for the parent too
+    assert kernel.reclaim(2) == 2
+    assert p.read(a + 2 * PS, 9) == pattern(b"d", 2)
+    for proc in (p, c):
+        for i in (0, 1, 3):
+            with pytest.raises(PurgedPageError):
+                proc.read(a + i * PS, 1)
 
 
 def test_direct_reclaim_on_full_ram(kernel):
@@ -278,7 +330,7 @@ def test_swap_out_and_in_keeps_data():
     p = k.spawn()
     a = filled(p, 8)
     v = p.mmap(PS)
-    assert k.reclaim(4) == 4  # no volatile page: the four oldest go to swap
+    assert k.reclaim(4) == 4  # no volatile page: four go to swap (the clock's pages 0-3)
     s = k.stats()
     assert s["swap_outs"] == 4 and s["swap_used"] == 4
     for i in range(8):
@@ -578,9 +630,31 @@ def test_a_million_pages_with_few_bytes_each():
     assert k.reclaim(n // 2) == n // 2
     assert p.madvise(a, n * PS, MADV_NONVOLATILE) == 1
     assert p.touch(a, n * PS) == n // 2
-    # Bookkeeping per resident page: a 20-byte frame entry, plus the 4-byte slot and 4-byte page
-    # table entry of its mapping (and the range table, a few bytes in all).
-    assert k.stats()["bookkeeping_bytes"] / n < 28.01
+    # Bookkeeping per resident page: a frame's 2-byte mapcount, flags byte and free-set bit, plus
+    # the 4-byte slot and 4-byte page table entry of its mapping (and the range table, a few
+    # bytes in all): no LRU links, no reverse map.
+    assert k.stats()["bookkeeping_bytes"] / n < 11.2
+    assert k.core.nbytes / n < 3.2
+
+
+def test_freed_frames_are_reused_lowest_first():
+    # 5000 frames: the free set has three levels (a bit per frame, a bit per word, a top word)
+    k = SimulatedKernel(ram_pages=5000, page_size=256)
+    p = k.spawn()
+    a = p.mmap(5001 * 256)
+    p.touch(a, 5000 * 256, write=True)
+    assert [frame for frame, _, _, _ in k.core.resident()] == list(range(1, 5001))
+    for page in (1, 70, 4095, 4999):
+        p.madvise(a + page * 256, 256, MADV_DONTNEED)
+    assert k.stats()["free_pages"] == 4
+    frames = []
+    for page in (4999, 70, 4095, 1):
+        p.touch(a + page * 256, 256)
+        frames.append(p.pager.slot(page))
+    assert frames == [2, 71, 4096, 5000]
+    assert k.stats()["free_pages"] == 0
+    with pytest.raises(MemoryError):
+        p.touch(a + 5000 * 256, 256)
 
 
 # ------------------------------------------------------------------ the GIL-free fast path
@@ -635,7 +709,7 @@ def test_bulk_touch_matches_page_by_page(strategy, write):
     assert s1["zero_page_faults"] > 3000 and s1["zero_fills"] == 500 and s1["swap_ins"] == 300
     assert s1["cow_faults"] > 0 if write else s1["cow_faults"] == 0
     assert s1["lazyfree_pages"] == (0 if write else 200)
-    assert k1.core.lru() == k2.core.lru()
+    assert k1.core.resident() == k2.core.resident()
     assert p1.pager.table.states() == p2.pager.table.states()
 
 
@@ -689,7 +763,7 @@ def test_copy_on_write_source_is_pinned_during_direct_reclaim(kernel):
     a = filled(p, 4)
     p.madvise(a, 4 * PS, MADV_VOLATILE)
     c = p.fork()  # inherits the marks: every page is volatile in both
-    c.write(a + 1, b"C")  # page 0 is the oldest: reclaim would take it, but it is the source
+    c.write(a + 1, b"C")  # reclaim would take page 0 first, but it is the copy's source
     assert c.read(a, 9) == b"dCdddddd\x00"
     assert p.read(a, 9) == pattern(b"d", 0)
     assert k.stats()["purged_pages"] >= 1 and k.stats()["cow_faults"] == 1
@@ -741,8 +815,7 @@ def test_threads_calling_the_compiled_parts_keep_the_kernel_consistent():
     for t in threads:
         t.join()
     assert errors == []
-    lru = k.core.lru()
-    assert len(lru) == k.stats()["used_pages"]
+    assert len(k.core.resident()) == k.stats()["used_pages"]
     for p in procs:
         states = p.pager.table.states(0, 8192)
         for page in range(8192):

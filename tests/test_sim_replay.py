@@ -19,7 +19,7 @@ spawn app
 mmap app obj 8
 write app obj 0 8
 unlock app obj 0 8      # idle: discardable
-reclaim 4               # memory pressure takes the 4 least recently used pages
+reclaim 4               # memory pressure takes 4 pages (by CLOCK: pages 0-3)
 read app obj 0 1        # an unlocked peek at a lost page
 lock app obj 0 8        # reports the loss; the replayer regenerates the object
 read app obj 0 8

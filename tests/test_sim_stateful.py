@@ -1,12 +1,15 @@
 """Random operation sequences on a `token` and a `walk` kernel must give identical results."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from discache import PurgedPageError
+from discache._core import SWAPPED_BIT
 from discache.sim import (
     MADV_DONTNEED,
     MADV_FREE,
@@ -180,8 +183,20 @@ class TokenVsWalk(RuleBasedStateMachine):
             stats = {key: v for key, v in k.stats().items() if key not in COST_KEYS}
             procs = [(p.pid, p.volatile_pages(), [(m.start, m.end) for m in p.mappings])
                      for p in k.processes.values()]
-            views.append((stats, k.volatile_pages(), procs, k.core.lru()))
+            views.append((stats, k.volatile_pages(), procs, k.core.resident()))
         assert views[0] == views[1]
+
+    @invariant()
+    def every_frame_is_counted_once_per_mapping(self):
+        for k in self.kernels:
+            mappings = Counter()
+            for pg in k._pagers():
+                for page in range(pg.top):
+                    s = pg.slot(page)
+                    if s and not s & SWAPPED_BIT:
+                        mappings[s] += 1
+            assert {f: count for f, count, _, _ in k.core.resident()} == dict(mappings)
+            assert len(mappings) + k.stats()["free_pages"] == k.ram_pages
 
     @invariant()
     def page_table_agrees_with_slots(self):

@@ -13,9 +13,13 @@ STUB = Path(_core.__file__).with_name("_core.pyi")
 
 
 def stub_members(name):
+    """Public names a class of the stub declares, its stub base classes' included."""
     tree = ast.parse(STUB.read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
     names = set()
+    for base in cls.bases:
+        if isinstance(base, ast.Name) and hasattr(_core, base.id):
+            names |= stub_members(base.id)
     for node in cls.body:
         if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
             names.add(node.name)

@@ -99,21 +99,10 @@ def _probe_madvfree_sigbus() -> tuple[bool, str]:
     return _probe_uffd() if madv_free[0] else madv_free
 
 
-def _probe_ashmem() -> tuple[bool, str]:
-    ok, reason = _core.probe_ashmem()
-    if ok:
-        return False, "/dev/ashmem opens, but discache's ashmem backend is not implemented yet"
-    return ok, reason
-
-
 def _allocate_memfd(nbytes: int) -> Any:
     from ..memory import MemfdMemory
 
     return MemfdMemory(nbytes)
-
-
-def _allocate_unavailable(nbytes: int) -> Any:
-    raise BackendUnavailableError(_probe_ashmem()[1])
 
 
 register(Backend("madvfree", _probe_madvfree, _core.MadvFreeMemory,
@@ -123,5 +112,21 @@ register(Backend("madvfree-sigbus", _probe_madvfree_sigbus,
                  "madvfree + userfaultfd: accessors raise PurgedPageError on discarded pages"))
 register(Backend("memfd", _cached(_core.probe_memfd), _allocate_memfd,
                  "memfd shared memory; purged by policy (punch hole), not by the kernel"))
-register(Backend("ashmem", _probe_ashmem, _allocate_unavailable,
-                 "Android's /dev/ashmem (PIN/UNPIN)"))
+register(Backend("ashmem", _core.probe_ashmem, _core.AshmemMemory,
+                 "Android's /dev/ashmem; unlock = UNPIN, lock = PIN (WAS_PURGED for the range)"))
+
+
+def _probe_simulated() -> tuple[bool, str]:
+    from ..simbackend import probe
+
+    return probe()
+
+
+def _allocate_simulated(nbytes: int) -> Any:
+    from ..simbackend import SimulatedMemory
+
+    return SimulatedMemory(nbytes)
+
+
+register(Backend("simulated", _probe_simulated, _allocate_simulated,
+                 "discache.sim's simulated kernel: unlock = MADV_VOLATILE, lock = MADV_NONVOLATILE"))

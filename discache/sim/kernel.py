@@ -384,8 +384,9 @@ class SimulatedKernel:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be 'token' or 'walk', got {strategy!r}")
         self.core = SimCore(ram_pages, swap_pages, page_size)
-        # Without swap, reclaim scans the LRU only while something is volatile or lazily freed;
-        # always_age scans regardless (what a kernel without the volatile-range count must do).
+        # Without swap, reclaim scans only while something is volatile or lazily freed, and then
+        # only the volatile ranges unless pages are lazily freed; always_age scans every page
+        # regardless (what a kernel without the volatile-range count must do).
         self.core.force_aging = bool(always_age)
         self.strategy = strategy
         self.page_size = page_size
@@ -448,8 +449,9 @@ class SimulatedKernel:
         file.release()
 
     def reclaim(self, npages: int) -> int:
-        """Free up to npages: volatile and lazily freed pages first (least recently used first),
-        then, with swap, other pages to swap; returns the pages freed."""
+        """Free up to npages: volatile and lazily freed pages first (CLOCK: a page used since the
+        last pass gets a second chance), then, with swap, other pages to swap; returns the pages
+        freed."""
         return self.core.reclaim(_check_int("npages", npages))
 
     def volatile_pages(self) -> int:

@@ -1,0 +1,315 @@
+"""The "simulated" backend: discardable memory on discache.sim's simulated kernel, deterministic
+on any machine, behind the same API as the real backends."""
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional
+
+from .memory import CopyingAccessors
+from .errors import PurgedError
+from .sim import MADV_DONTNEED, MADV_NONVOLATILE, MADV_VOLATILE, VA_BASE, SimulatedKernel
+
+SIM_RAM_PAGES = 1 << 18  # 1 GiB of simulated RAM, allocated by the simulator as it is touched
+STATE_PURGED = 3  # discache._core.STATE_NAMES.index("purged")
+
+_kernel: Optional[SimulatedKernel] = None
+_process: Any = None
+_lock = threading.RLock()  # one simulated machine per Python process, driven by one thread at a time
+
+
+def simulated_kernel() -> SimulatedKernel:
+    """The process-wide simulated kernel that "simulated" memory lives in."""
+    global _kernel, _process
+    with _lock:
+        if _kernel is None:
+            _kernel = SimulatedKernel(ram_pages=SIM_RAM_PAGES, swap_pages=0)
+            _process = _kernel.spawn()
+        return _kernel
+
+
+def probe() -> tuple[bool, str]:
+    """The simulated backend runs anywhere."""
+    return True, "the simulated kernel (discache.sim) runs on any machine"
+
+
+class SimSegment:
+    """npages of simulated memory whose page spans lock and unlock independently, as
+    discache._core.Segment; a locked span's bytes live in a buffer that unlock writes back."""
+
+    kind = "simulated"
+
+    def __init__(self, npages: int) -> None:
+        kernel = simulated_kernel()
+        self.page = kernel.page_size
+        if not isinstance(npages, int) or npages <= 0:
+            raise ValueError(f"a segment needs at least one page, got {npages!r}")
+        self.npages = npages
+        self.nbytes = npages * self.page
+        with _lock:
+            self.process = _process
+            self.addr = self.process.mmap(self.nbytes)
+        self.first_page = (self.addr - VA_BASE) // self.page
+        self._locked: dict[int, bytearray] = {}  # locked span first -> its bytes
+        self._spans: dict[int, int] = {}  # locked span first -> pages
+        self._lost = [False] * npages  # discarded by discard_span since their last lock
+        self.closed = False
+
+    def _check(self, first: int, count: int) -> None:
+        if self.closed:
+            raise ValueError("the segment is closed")
+        if count <= 0:
+            raise ValueError(f"a span needs at least one page, got {count}")
+        if first < 0 or first + count > self.npages:
+            raise IndexError(f"pages [{first}, {first + count}) are outside the segment's "
+                             f"{self.npages} pages")
+
+    def claim_span(self, first: int, count: int) -> None:
+        """Hand out pages as a new locked span (zero-filled)."""
+        self._check(first, count)
+        with _lock:
+            self._locked[first] = _SpanBytes(count * self.page)
+            self._spans[first] = count
+            for i in range(first, first + count):
+                self._lost[i] = False
+
+    def release_span(self, first: int, count: int) -> None:
+        """Forget a freed span: its bytes, its volatility and its pages."""
+        self._check(first, count)
+        with _lock:
+            self._locked.pop(first, None)
+            self._spans.pop(first, None)
+            start = self.addr + first * self.page
+            self.process.madvise(start, count * self.page, MADV_NONVOLATILE)
+            self.process.madvise(start, count * self.page, MADV_DONTNEED)
+            for i in range(first, first + count):
+                self._lost[i] = False
+
+    def lock_span(self, first: int, count: int) -> int:
+        """Lock a span (MADV_NONVOLATILE); returns how many of its pages were purged."""
+        self._check(first, count)
+        with _lock:
+            if first in self._spans:
+                raise RuntimeError(f"pages [{first}, {first + count}) are already locked")
+            start = self.first_page + first
+            states = self.process.pager.table.states(start, count)
+            purged = states.count(STATE_PURGED)
+            for i in range(first, first + count):
+                purged += self._lost[i] and states[i - first] != STATE_PURGED
+                self._lost[i] = False
+            self.process.madvise(self.addr + first * self.page, count * self.page,
+                                 MADV_NONVOLATILE)
+            data = _SpanBytes(self.process.read(self.addr + first * self.page, count * self.page))
+            self._spans[first] = count
+            self._locked[first] = data
+            return purged
+
+    def unlock_span(self, first: int, count: int) -> None:
+        """Write the span back to the simulated memory and mark it volatile (MADV_VOLATILE)."""
+        self.unlock_spans([(first, count)])
+
+    def unlock_spans(self, spans: Any) -> int:
+        """Unlock many spans, one simulated madvise per run of adjacent ones; returns the runs."""
+        spans = sorted(spans)
+        with _lock:
+            for first, count in spans:
+                self._check(first, count)
+                data = self._locked.get(first)
+                if data is None or self._spans.get(first) != count:
+                    raise RuntimeError(f"pages [{first}, {first + count}) are not a locked span")
+                _check_no_exports(data)
+            runs: list[list[int]] = []
+            for first, count in spans:
+                data = self._locked.pop(first)
+                del self._spans[first]
+                self.process.write(self.addr + first * self.page, bytes(data))
+                if runs and runs[-1][1] == first:
+                    runs[-1][1] = first + count
+                else:
+                    runs.append([first, first + count])
+            for first, end in runs:
+                self.process.madvise(self.addr + first * self.page, (end - first) * self.page,
+                                     MADV_VOLATILE)
+            return len(runs)
+
+    def discard_span(self, first: int, count: int) -> None:
+        """A policy purge of an unlocked span: its pages are dropped and reported at the next lock."""
+        self._check(first, count)
+        with _lock:
+            if first in self._spans:
+                raise RuntimeError("a locked span cannot be discarded")
+            for i in range(first, first + count):
+                self._lost[i] = True
+
+    def reclaim_span(self, first: int, count: int) -> int:
+        """Let the simulated kernel reclaim every volatile page it has (this span's among them);
+        returns how many of the span's pages are gone."""
+        self._check(first, count)
+        with _lock:
+            if first in self._spans:
+                return 0
+            kernel = simulated_kernel()
+            kernel.reclaim(kernel.volatile_pages())
+            states = self.process.pager.table.states(self.first_page + first, count)
+            return states.count(STATE_PURGED)
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Copy bytes out of a locked span."""
+        data, at = self._locate(offset, size)
+        return bytes(data[at:at + size])
+
+    def write(self, offset: int, data: Any) -> int:
+        """Copy bytes into a locked span."""
+        with memoryview(data) as source:
+            size = source.nbytes
+            buf, at = self._locate(offset, size)
+            buf[at:at + size] = source.cast("B")
+        return size
+
+    def span_buffer(self, offset: int, size: int) -> _SpanBytes:
+        """The bytes of the locked span starting at offset (a buffer with `exports`)."""
+        buf, at = self._locate(offset, size)
+        if at:
+            raise ValueError("a span buffer starts where its span starts")
+        return buf  # type: ignore[return-value]
+
+    def _locate(self, offset: int, size: int) -> tuple[bytearray, int]:
+        page = offset // self.page
+        for start, n in self._spans.items():
+            if start <= page < start + n:
+                at = offset - start * self.page
+                if at + size > n * self.page:
+                    break
+                return self._locked[start], at
+        raise RuntimeError(f"bytes [{offset}, {offset + size}) are not in one locked span")
+
+    def close(self) -> None:
+        """Unmap the simulated memory; calling it again does nothing."""
+        if self.closed:
+            return
+        with _lock:
+            self.process.munmap(self.addr, self.nbytes)
+        self.closed = True
+
+
+class _SpanBytes(bytearray):
+    """A locked span's bytes; `exports` says whether a view of them is still alive."""
+
+    @property
+    def exports(self) -> int:
+        try:
+            self.append(0)  # a bytearray with live exports cannot grow
+        except BufferError:
+            return 1
+        del self[-1]
+        return 0
+
+
+def _check_no_exports(data: bytearray) -> None:
+    if isinstance(data, _SpanBytes) and data.exports:
+        raise BufferError("a view of the memory is still alive; release it first")
+
+
+class SimulatedMemory(CopyingAccessors):
+    """DiscardableMemory in the simulated kernel: unlock = MADV_VOLATILE, lock = MADV_NONVOLATILE,
+    exact purge counts from the simulated page table."""
+
+    backend = "simulated"  # type: ignore[assignment]
+
+    def __init__(self, nbytes: int) -> None:
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool):
+            raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}")
+        if nbytes <= 0:
+            raise ValueError(f"nbytes must be positive, got {nbytes}")
+        kernel = simulated_kernel()
+        self.nbytes = nbytes
+        self.npages = -(-nbytes // kernel.page_size)
+        if self.npages > SIM_RAM_PAGES:
+            raise ValueError(f"{nbytes} bytes exceed the {SIM_RAM_PAGES} pages of simulated RAM")
+        self._segment = SimSegment(self.npages)
+        self._segment.claim_span(0, self.npages)
+        self._view: Optional[memoryview] = None
+        self._locked = True
+        self.purged_pages = 0
+
+    @property
+    def is_locked(self) -> bool:
+        """True while locked."""
+        return self._locked and not self._segment.closed
+
+    @property
+    def closed(self) -> bool:
+        """True once closed."""
+        return self._segment.closed
+
+    def _check_locked(self) -> None:
+        if self._segment.closed:
+            raise ValueError("discardable memory is closed")
+        if not self._locked:
+            raise RuntimeError("discardable memory is unlocked: lock() it first")
+
+    @property
+    def data(self) -> memoryview:
+        """Writable view of the nbytes, only while locked; released by unlock() and close()."""
+        self._check_locked()
+        if self._view is None:
+            self._view = memoryview(self._segment._locked[0])[:self.nbytes]
+        return self._view
+
+    def _release_view(self) -> None:
+        if self._view is not None:
+            try:
+                self._view.release()
+            except BufferError:
+                raise BufferError("an object still holds a buffer of mem.data; release it first") \
+                    from None
+            self._view = None
+
+    def lock(self) -> bool:
+        """Lock; True if intact, False if anything was purged (contents undefined: refill)."""
+        if self._segment.closed:
+            raise ValueError("discardable memory is closed")
+        if self._locked:
+            raise RuntimeError("discardable memory is already locked (locks do not nest)")
+        self.purged_pages = self._segment.lock_span(0, self.npages)
+        self._locked = True
+        return self.purged_pages == 0
+
+    def unlock(self) -> None:
+        """Unlock: the simulated kernel may now purge the pages."""
+        if self._segment.closed:
+            raise ValueError("discardable memory is closed")
+        if not self._locked:
+            raise RuntimeError("discardable memory is not locked")
+        self._release_view()
+        self._segment.unlock_span(0, self.npages)
+        self._locked = False
+
+    def close(self) -> None:
+        """Free the memory; calling it again does nothing."""
+        if self._segment.closed:
+            return
+        self._release_view()
+        self._segment.close()
+        self._locked = False
+
+    def _purge(self) -> int:
+        """A policy purge if unlocked; returns the pages dropped."""
+        if self._segment.closed:
+            raise ValueError("discardable memory is closed")
+        if self._locked:
+            return 0
+        self._segment.discard_span(0, self.npages)
+        return self.npages
+
+    def _force_reclaim(self) -> int:
+        """The simulated kernel reclaims its volatile pages now; returns this memory's pages gone."""
+        if self._segment.closed:
+            raise ValueError("discardable memory is closed")
+        return self._segment.reclaim_span(0, self.npages)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("locked" if self._locked else "unlocked")
+        return f"<SimulatedMemory nbytes={self.nbytes} {state}>"
+
+
+__all__ = ["PurgedError", "SimSegment", "SimulatedMemory", "probe", "simulated_kernel"]
