@@ -11,6 +11,7 @@ from typing import Any, Callable, Hashable, Iterator, NamedTuple, Optional
 import mmh3
 
 from ._core import SWEEP_EVERY, CacheCore, CacheEntry, CacheShard
+from .errors import PinnedError
 from .manager import PAGE, DiscardableMemoryManager, ManagedMemory, default_manager
 
 EVICTION_REASONS = ("size", "purged", "explicit")
@@ -149,7 +150,7 @@ class DiscardableCache(CacheCore, MutableMapping):
             if old is not None and old.pins:  # pinned since the check above
                 if mem is not None:
                     mem.close()
-                raise RuntimeError(f"{key!r} is pinned: unpin it before replacing it")
+                raise PinnedError(f"{key!r} is pinned: unpin it before replacing it")
             if old is not None:
                 shard.remove(key)
                 self._release(old, weight=True)
@@ -165,7 +166,7 @@ class DiscardableCache(CacheCore, MutableMapping):
             entry = shard.entries[key]
             if entry.pins:
                 # Its memory may be viewed right now: freeing it would pull it from under the view.
-                raise RuntimeError(f"{key!r} is pinned: unpin it before deleting it")
+                raise PinnedError(f"{key!r} is pinned: unpin it before deleting it")
             shard.remove(key)
             self._release(entry, weight=True)
         self._evicted(key, "explicit")
@@ -175,7 +176,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         with shard.lock:
             entry = shard.entries.get(key)
             if entry is not None and entry.pins:
-                raise RuntimeError(f"{key!r} is pinned: unpin it before replacing it")
+                raise PinnedError(f"{key!r} is pinned: unpin it before replacing it")
 
     def __len__(self) -> int:
         return sum(len(shard.entries) for shard in self._shards)
@@ -204,7 +205,10 @@ class DiscardableCache(CacheCore, MutableMapping):
         if regenerated:
             with self._size_lock:
                 self.regenerations += 1
-        self[key] = created
+        try:
+            self[key] = created
+        except PinnedError:
+            pass  # another thread stored the key meanwhile and is reading it: keep its value
         with memoryview(created) as view:
             return view.tobytes()
 
@@ -346,7 +350,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         for key in list(self):
             try:
                 del self[key]
-            except (KeyError, RuntimeError):
+            except (KeyError, PinnedError):
                 pass
 
     def close(self) -> None:

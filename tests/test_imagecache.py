@@ -8,7 +8,7 @@ import threading
 import pytest
 from PIL import Image, ImageDraw
 
-from discache import force_reclaim
+from discache import PinnedError, force_reclaim
 from discache.manager import PAGE, DiscardableMemoryManager
 from integrations.imagecache import ZERO_COPY_MODES, ImageCache
 from integrations.imagecache.codec import layout
@@ -162,9 +162,9 @@ def test_a_viewed_bitmap_stays_locked_and_the_view_dies_with_the_block(backend):
         pages = -(-entry_of(cache, "other").size // PAGE)
         assert force_reclaim(cache) == pages, "only the other bitmap's pages go"
         assert same(view, picture(1, (64, 64), "RGBA"))
-        with pytest.raises(RuntimeError, match="pinned"):
+        with pytest.raises(PinnedError, match="pinned"):
             cache.delete("k")
-        with pytest.raises(RuntimeError, match="pinned"):
+        with pytest.raises(PinnedError, match="pinned"):
             cache.put("k", picture(3))
         assert cache.stats()["pinned_entries"] == 1
     with pytest.raises(ValueError, match="closed"):
@@ -216,16 +216,26 @@ def test_bad_inputs_raise_and_store_nothing(backend, tmp_path):
 def test_threads_share_one_cache_while_the_kernel_reclaims(backend):
     cache = make(backend)
     sources = {i: picture(i, (48, 32), ("RGB", "L", "RGBA")[i % 3]) for i in range(24)}
-    wrong = []
+    wrong, errors = [], []
 
     def worker(offset):
-        for n in range(150):
-            key = (n * 7 + offset) % 24
-            image = cache.get_or_create(key, lambda key=key: sources[key])
-            if not same(image, sources[key]):
-                wrong.append(key)
-            if n % 50 == 49:
-                force_reclaim(cache)
+        try:
+            for n in range(150):
+                key = (n * 7 + offset) % 24
+                image = cache.get_or_create(key, lambda key=key: sources[key])
+                if not same(image, sources[key]):
+                    wrong.append(key)
+                if n % 5 == 0:
+                    try:
+                        with cache.view_image(key) as view:
+                            if not same(view, sources[key]):
+                                wrong.append(key)
+                    except KeyError:  # reclaimed by another thread meanwhile
+                        pass
+                if n % 50 == 49:
+                    force_reclaim(cache)
+        except Exception as error:  # reported below: a thread's exception must fail the test
+            errors.append(error)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
     for thread in threads:
@@ -233,8 +243,29 @@ def test_threads_share_one_cache_while_the_kernel_reclaims(backend):
     for thread in threads:
         thread.join()
     stats = cache.stats()
-    assert wrong == [] and stats["purges_detected"] > 0
+    assert errors == [] and wrong == [] and stats["purges_detected"] > 0
     assert stats["regenerations"] <= stats["purges_detected"]
+    assert stats["pinned_entries"] == 0
+
+
+def test_a_key_stored_and_viewed_meanwhile_is_kept(backend):
+    """get_or_create racing another thread that stored the key and views it: no error, the
+    viewed bitmap stays, the caller gets the image it made."""
+    cache = make(backend)
+    first, second = picture(1), picture(2)
+
+    def make_second():
+        cache.put("k", first)
+        cache.pin("k")  # as view_image does
+        return second
+
+    assert same(cache.get_or_create("k", make_second), second)
+    assert same(cache.get("k"), first)
+    with pytest.raises(PinnedError):
+        cache.put("k", second)
+    cache.unpin("k")
+    cache.put("k", second)
+    assert same(cache.get("k"), second)
 
 
 def test_the_thumbnail_example_runs():

@@ -1,4 +1,4 @@
-"""An image cache on DiscardableCache and Pillow: decoded bitmaps the kernel may reclaim while idle."""
+"""An image cache on DiscardableCache and Pillow: bitmaps the kernel may reclaim while idle."""
 from .cache import ImageCache
 from .codec import ZERO_COPY_MODES, BitmapFormatError
 

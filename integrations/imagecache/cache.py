@@ -1,4 +1,4 @@
-"""ImageCache: decoded PIL images kept in discardable memory, regenerated when the kernel took them."""
+"""ImageCache: decoded PIL images in discardable memory, rebuilt when the kernel took them."""
 from __future__ import annotations
 
 import os
@@ -12,11 +12,13 @@ from typing import Any, Callable, Hashable, Iterator, Optional, Union
 from PIL import Image
 
 from discache.cache import DiscardableCache
+from discache.errors import PinnedError
 from discache.manager import DiscardableMemoryManager
 
 from .codec import BitmapFormatError, decode, encode, layout, map_image
 
 Source = Union[str, "os.PathLike[str]", Callable[[], Image.Image]]
+STRIPES = 64  # locks that order a get's copy and a put of the same key
 
 
 class ImageCache:
@@ -40,6 +42,7 @@ class ImageCache:
         self._lock = threading.Lock()
         self._purged: set[Hashable] = set()  # keys whose bitmap was lost, until stored again
         self._counts: Counter = Counter()
+        self._stripes = [threading.Lock() for _ in range(STRIPES)]
         self.cache = DiscardableCache(maxsize, backend, verify=verify, on_evict=self._on_evict,
                                       manager=manager, shards=shards, idle_unlock=idle_unlock)
 
@@ -74,14 +77,18 @@ class ImageCache:
     # ------------------------------------------------------------------ storing and reading
 
     def put(self, key: Hashable, image: Image.Image) -> None:
-        """Store a copy of the image's pixels, mode, size and palette (not its info dict)."""
+        """Store a copy of the image's pixels, mode, size and palette (not its info dict);
+        PinnedError while the key is viewed or pinned."""
         self._store(key, image)
 
     def _store(self, key: Hashable, image: Image.Image) -> bool:
         """put(); True if the key's previous bitmap had been purged."""
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected a PIL Image, got {type(image).__name__}")
-        self.cache[key] = encode(image)
+        data = encode(image)
+        # A get pins the entry while it copies: wait for it rather than fail on its pin.
+        with self._stripe(key):
+            self.cache[key] = data
         with self._lock:
             was_purged = key in self._purged
             self._purged.discard(key)
@@ -90,16 +97,17 @@ class ImageCache:
 
     def get(self, key: Hashable, default: Any = None) -> Any:
         """An image owning a copy of the bitmap, or default when missing or purged."""
-        try:
-            with self.cache.view(key) as data:
-                image = decode(data)
-        except KeyError:
-            self._count("misses")
-            return default
-        except BitmapFormatError:
-            self._drop_corrupt(key)
-            self._count("misses")
-            return default
+        with self._stripe(key):
+            try:
+                with self.cache.view(key) as data:
+                    image = decode(data)
+            except KeyError:
+                self._count("misses")
+                return default
+            except BitmapFormatError:
+                self._drop_corrupt(key)
+                self._count("misses")
+                return default
         self._count("hits")
         return image
 
@@ -112,8 +120,11 @@ class ImageCache:
         if image is not None:
             return image
         image = _load(source)
-        if self._store(key, image):
-            self._count("regenerations")
+        try:
+            if self._store(key, image):
+                self._count("regenerations")
+        except PinnedError:
+            pass  # another thread stored the key meanwhile and views it: keep its bitmap
         return image
 
     @contextmanager
@@ -164,7 +175,7 @@ class ImageCache:
     # ------------------------------------------------------------------ the rest of a cache
 
     def delete(self, key: Hashable) -> None:
-        """Drop the key's bitmap; KeyError if missing, RuntimeError while it is viewed."""
+        """Drop the key's bitmap; KeyError if missing, PinnedError while it is viewed."""
         del self.cache[key]
 
     def pin(self, key: Hashable) -> None:
@@ -204,6 +215,9 @@ class ImageCache:
 
     # ------------------------------------------------------------------ bookkeeping
 
+    def _stripe(self, key: Hashable) -> threading.Lock:
+        return self._stripes[hash(key) % STRIPES]
+
     def _count(self, name: str) -> None:
         with self._lock:
             self._counts[name] += 1
@@ -217,7 +231,7 @@ class ImageCache:
         """An entry that is not a bitmap this cache wrote (partly lost memory): treat as purged."""
         try:
             del self.cache[key]
-        except (KeyError, RuntimeError):
+        except (KeyError, PinnedError):
             return
         with self._lock:
             self._purged.add(key)

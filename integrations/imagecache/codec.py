@@ -11,7 +11,8 @@ from PIL import Image, ImagePalette
 ZERO_COPY_MODES = ("L", "P", "RGBA", "RGBX", "CMYK", "I;16", "I;16L", "I;16B")
 MAGIC = b"DCBM"
 VERSION = 1
-HEADER = struct.Struct("<4sH10sII8sIIQ")  # magic, version, mode, w, h, palette mode/len, offset, len
+# magic, version, mode, width, height, palette mode and length, pixel offset and length
+HEADER = struct.Struct("<4sH10sII8sIIQ")
 ALIGN = 64  # pixels start on a cache line
 
 
