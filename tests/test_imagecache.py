@@ -115,6 +115,20 @@ def test_purged_bitmaps_are_detected_and_regenerated(backend, tmp_path):
     assert stats["evictions_purged"] == 6 and stats["entries"] == 7
 
 
+def test_metrics_snapshot_counts_image_reads(backend):
+    cache = make(backend)
+    cache.get_or_create("k", lambda: picture(1, (64, 64), "RGBA"))
+    cache.get("k")
+    with cache.view_image("k"):
+        pass
+    force_reclaim(cache)
+    cache.get_or_create("k", lambda: picture(1, (64, 64), "RGBA"))
+    snapshot = cache.metrics_snapshot()
+    assert (snapshot["hits"], snapshot["misses"], snapshot["regenerations"]) == (2, 2, 1)
+    assert snapshot["locks"]["purged"] == 1 and snapshot["evictions"]["purged"] == 1
+    assert snapshot["allocated_bytes"] == 5 * PAGE == snapshot["locked_bytes"]
+
+
 def test_a_partially_zeroed_bitmap_is_caught_with_verify(backend):
     cache = make(backend, verify=True)
     cache.put("k", picture(2, (128, 64), "RGB"))  # 24 KiB: several pages

@@ -213,6 +213,16 @@ class ImageCache:
             **{name: n for name, n in base.items() if name not in ours},
         }
 
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """The cache's numbers for discache.metrics, with this cache's hits, misses and
+        regenerations (views count as hits)."""
+        snapshot = self.cache.metrics_snapshot()
+        with self._lock:
+            snapshot["hits"] = self._counts["hits"] + self._counts["views"]
+            snapshot["misses"] = self._counts["misses"]
+            snapshot["regenerations"] = self._counts["regenerations"]
+        return snapshot
+
     # ------------------------------------------------------------------ bookkeeping
 
     def _stripe(self, key: Hashable) -> threading.Lock:
