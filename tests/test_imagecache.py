@@ -129,6 +129,20 @@ def test_metrics_snapshot_counts_image_reads(backend):
     assert snapshot["allocated_bytes"] == 5 * PAGE == snapshot["locked_bytes"]
 
 
+def test_the_record_of_purged_keys_is_bounded(backend):
+    cache = make(backend)
+    cache._purged_kept = 2  # PURGED_KEYS_KEPT per shard in real use
+    for key in "abc":
+        cache.put(key, picture(1))
+        cache.sweep(idle=0)
+        force_reclaim(cache)
+        assert cache.get(key) is None
+    for key in "abc":
+        cache.get_or_create(key, lambda: picture(1))
+    stats = cache.stats()
+    assert stats["purges_detected"] == 3 and stats["regenerations"] == 2, "the oldest forgotten"
+
+
 def test_a_partially_zeroed_bitmap_is_caught_with_verify(backend):
     cache = make(backend, verify=True)
     cache.put("k", picture(2, (128, 64), "RGB"))  # 24 KiB: several pages

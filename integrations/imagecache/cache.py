@@ -11,13 +11,13 @@ from typing import Any, Callable, Hashable, Iterator, Optional, Union
 
 from PIL import Image
 
-from discache.cache import DiscardableCache
+from discache.cache import PURGED_KEYS_KEPT, DiscardableCache
 from discache.errors import PinnedError
 from discache.manager import DiscardableMemoryManager
 
-from .codec import BitmapFormatError, decode, encode, layout, map_image
+from .codec import BitmapFormatError, decode, encode, map_image
 
-Source = Union[str, "os.PathLike[str]", Callable[[], Image.Image]]
+Source = Union[str, bytes, "os.PathLike[str]", Callable[[], Image.Image]]
 STRIPES = 64  # locks that order a get's copy and a put of the same key
 
 
@@ -40,7 +40,10 @@ class ImageCache:
         shards: int = 16,
     ) -> None:
         self._lock = threading.Lock()
-        self._purged: set[Hashable] = set()  # keys whose bitmap was lost, until stored again
+        # Keys whose bitmap was lost, until stored again (oldest first; only to count
+        # regenerations, so bounded like the cache's own record).
+        self._purged: dict[Hashable, None] = {}
+        self._purged_kept = PURGED_KEYS_KEPT * shards
         self._counts: Counter = Counter()
         self._stripes = [threading.Lock() for _ in range(STRIPES)]
         self.cache = DiscardableCache(maxsize, backend, verify=verify, on_evict=self._on_evict,
@@ -90,8 +93,7 @@ class ImageCache:
         with self._stripe(key):
             self.cache[key] = data
         with self._lock:
-            was_purged = key in self._purged
-            self._purged.discard(key)
+            was_purged = self._purged.pop(key, _MISSING) is not _MISSING
             self._counts["puts"] += 1
         return was_purged
 
@@ -234,8 +236,13 @@ class ImageCache:
 
     def _on_evict(self, key: Hashable, reason: str) -> None:
         if reason == "purged":
-            with self._lock:
-                self._purged.add(key)
+            self._remember_purged(key)
+
+    def _remember_purged(self, key: Hashable) -> None:
+        with self._lock:
+            self._purged[key] = None
+            if len(self._purged) > self._purged_kept:
+                del self._purged[next(iter(self._purged))]
 
     def _drop_corrupt(self, key: Hashable) -> None:
         """An entry that is not a bitmap this cache wrote (partly lost memory): treat as purged."""
@@ -243,9 +250,8 @@ class ImageCache:
             del self.cache[key]
         except (KeyError, PinnedError):
             return
-        with self._lock:
-            self._purged.add(key)
-            self._counts["corrupt_entries"] += 1
+        self._remember_purged(key)
+        self._count("corrupt_entries")
 
 
 def _load(source: Source) -> Image.Image:
@@ -259,4 +265,6 @@ def _load(source: Source) -> Image.Image:
     return image
 
 
-__all__ = ["ImageCache", "layout"]
+_MISSING: Any = object()
+
+__all__ = ["ImageCache"]
