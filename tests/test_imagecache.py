@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 from discache import PinnedError, force_reclaim
 from discache.manager import PAGE, DiscardableMemoryManager
 from integrations.imagecache import ZERO_COPY_MODES, ImageCache
-from integrations.imagecache.codec import layout
+from integrations.imagecache.codec import encode, layout
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BACKENDS = ["madvfree", "memfd"]
@@ -156,7 +156,7 @@ def test_a_partially_zeroed_bitmap_is_caught_with_verify(backend):
     assert cache.stats()["purges_detected"] == cache.stats()["regenerations"] == 1
 
 
-def test_a_foreign_entry_is_dropped_not_returned(backend):
+def test_a_foreign_or_inconsistent_entry_is_dropped_not_returned(backend):
     cache = make(backend)
     cache.cache["junk"] = b"not a bitmap" * 10
     assert cache.get("junk") is None
@@ -164,7 +164,13 @@ def test_a_foreign_entry_is_dropped_not_returned(backend):
     with pytest.raises(KeyError):
         with cache.view_image("junk"):
             pass
-    assert cache.stats()["corrupt_entries"] == 2 and "junk" not in cache
+    good = bytearray(encode(picture(1, (10, 10), "L")))
+    for field, value in ((6, b"XYZ\0"), (16, (11).to_bytes(4, "little"))):  # mode, width
+        bad = good.copy()
+        bad[field:field + len(value)] = value
+        cache.cache["bad"] = bytes(bad)
+        assert cache.get("bad") is None
+    assert cache.stats()["corrupt_entries"] == 4 and "junk" not in cache and "bad" not in cache
 
 
 def test_view_image_is_zero_copy_where_pillow_maps(backend):

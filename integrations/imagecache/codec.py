@@ -1,6 +1,7 @@
 """The layout of a bitmap in discardable memory: a fixed header, the palette, then raw pixels."""
 from __future__ import annotations
 
+import functools
 import struct
 from typing import NamedTuple, Optional
 
@@ -61,6 +62,9 @@ def layout(data: memoryview) -> Layout:
         raise BitmapFormatError("the bitmap header names no valid mode") from None
     if offset < HEADER.size + palette_len or offset + length != data.nbytes:
         raise BitmapFormatError(f"the bitmap header does not match its {data.nbytes} bytes")
+    if length != _row_bytes(mode_name, width) * height:
+        raise BitmapFormatError(f"{length} bytes of pixels are not a {width}x{height} "
+                                f"{mode_name} image")
     palette = bytes(data[HEADER.size:HEADER.size + palette_len])
     return Layout(mode_name, (width, height), palette_name, palette, offset, length)
 
@@ -93,8 +97,12 @@ def map_image(data: memoryview) -> tuple[Image.Image, Optional[memoryview]]:
         image.readonly = 1
         return image, None
     pixels = data[spec.offset:]
-    image = Image.frombuffer(spec.mode, spec.size, pixels, "raw", spec.mode, 0, 1)
-    _apply_palette(image, spec)
+    try:
+        image = Image.frombuffer(spec.mode, spec.size, pixels, "raw", spec.mode, 0, 1)
+        _apply_palette(image, spec)
+    except BaseException:
+        pixels.release()  # no export may outlive the caller's pin
+        raise
     return image, pixels
 
 
@@ -104,6 +112,15 @@ def _apply_palette(image: Image.Image, spec: Layout) -> None:
     # Through ImagePalette and load(), not putpalette(): putpalette copies a read-only image.
     image.palette = ImagePalette.raw(spec.palette_mode, spec.palette)
     image.load()
+
+
+@functools.lru_cache(maxsize=256)
+def _row_bytes(mode: str, width: int) -> int:
+    """Bytes of one row of raw pixels; BitmapFormatError for a mode Pillow does not know."""
+    try:
+        return len(Image.new(mode, (width, 1)).tobytes())
+    except (ValueError, KeyError):
+        raise BitmapFormatError(f"{mode!r} is not a Pillow image mode") from None
 
 
 def _aligned(n: int) -> int:
