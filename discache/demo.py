@@ -98,6 +98,11 @@ class Phase:
     name: str
     seconds: float = 0.0
     note: str = ""
+    started: float = field(default_factory=time.perf_counter, repr=False)
+
+    def stop(self) -> None:
+        """Record the time since the phase started."""
+        self.seconds = time.perf_counter() - self.started
 
 
 @dataclass
@@ -109,6 +114,7 @@ class DemoResult:
     bitmap_bytes: int = 0
     chosen: int = 0
     chosen_pages: int = 0  # pages the chosen bitmaps occupy
+    taken_early: int = 0  # spared bitmaps the kernel took on its own (real memory pressure)
     unlocked: int = 0
     pages_reclaimed: int = 0
     rss_before: int = 0
@@ -119,6 +125,14 @@ class DemoResult:
     regenerations: int = 0
     corrupt: int = 0
     phases: list[Phase] = field(default_factory=list)
+    on_phase: Optional[Callable[[str], None]] = field(default=None, repr=False, compare=False)
+
+    def phase(self, name: str) -> Phase:
+        """Start recording a new phase."""
+        if self.on_phase is not None:
+            self.on_phase(name)
+        self.phases.append(Phase(name))
+        return self.phases[-1]
 
     @property
     def bytes_reclaimed(self) -> int:
@@ -225,12 +239,11 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def run_demo(images: int, size: int, backend: str = "auto", reclaim: float = 1 / 3,
-             seed: int = 0, progress: Optional[Callable[[str, int], Progress]] = None
-             ) -> DemoResult:
+             seed: int = 0, progress: Optional[Callable[[str, int], Progress]] = None,
+             on_phase: Optional[Callable[[str, Any], None]] = None) -> DemoResult:
     """Generate, decode, idle, reclaim a chosen share through the kernel, access all again and
-    compare every image with its file; returns the numbers."""
-    from PIL import Image
-
+    compare every image with its file; returns the numbers.  on_phase(name, image_cache) is
+    called as each phase starts (for metrics exporters and tests)."""
     ImageCache = _image_cache_class()
     progress = progress or (lambda label, total: Progress(label, total, sys.stderr, False))
     bitmap_bound = images * (size * size * 4 + 1088)  # RGBA pixels, header and palette
@@ -241,26 +254,35 @@ def run_demo(images: int, size: int, backend: str = "auto", reclaim: float = 1 /
     manager = DiscardableMemoryManager(limit, backend)
     result = DemoResult(images=images, backend=manager.backend)
     cache = ImageCache(limit, backend, manager=manager, idle_unlock=IDLE_UNLOCK)
+    if on_phase is not None:
+        result.on_phase = lambda name: on_phase(name, cache)
+    try:
+        _run_phases(result, cache, size, reclaim, seed, progress)
+    finally:
+        cache.close()
+    return result
 
-    def phase(name: str) -> Phase:
-        result.phases.append(Phase(name))
-        return result.phases[-1]
+
+def _run_phases(result: DemoResult, cache: Any, size: int, reclaim: float, seed: int,
+                progress: Callable[[str, int], Progress]) -> None:
+    from PIL import Image
+
+    images, backend = result.images, result.backend
 
     with tempfile.TemporaryDirectory(prefix="discache-demo-") as tmp:
         paths = [pathlib.Path(tmp, f"image{i:05d}.png") for i in range(images)]
 
-        step, start, bar = phase("generate PNGs"), time.perf_counter(), progress("generate", images)
+        step, bar = result.phase("generate PNGs"), progress("generate", images)
         for i, path in enumerate(paths):
             draw_image(seed * 1_000_003 + i, size).save(path, compress_level=1)
             bar.advance()
         bar.close()
-        step.seconds = time.perf_counter() - start
+        step.stop()
         on_disk = sum(path.stat().st_size for path in paths)
         step.note = (f"{images} images of {size}x{size} ({', '.join(MODES)}), "
                      f"{_mib(on_disk)} of PNG")
 
-        step, start, bar = phase("decode into cache"), time.perf_counter(), progress("decode",
-                                                                                    images)
+        step, bar = result.phase("decode into cache"), progress("decode", images)
         weights = []
         for i, path in enumerate(paths):
             before = cache.currsize
@@ -268,38 +290,45 @@ def run_demo(images: int, size: int, backend: str = "auto", reclaim: float = 1 /
             weights.append(cache.currsize - before)  # this bitmap's bytes
             bar.advance()
         bar.close()
-        step.seconds = time.perf_counter() - start
+        step.stop()
         result.bitmap_bytes = cache.currsize
         step.note = f"{len(cache)} bitmaps, {_mib(result.bitmap_bytes)} in discardable memory"
 
-        step, start = phase("go idle"), time.perf_counter()
+        step = result.phase("go idle")
         # Second chance: a first sweep marks the bitmaps unused, the next unlocks them.
         for _ in range(2):
             time.sleep(IDLE_UNLOCK)
             result.unlocked += cache.sweep()
-        step.seconds = time.perf_counter() - start
+        step.stop()
         step.note = (f"{result.unlocked} bitmaps unlocked by idle sweeps "
-                     f"({'MADV_FREE' if manager.backend == 'madvfree' else manager.backend})")
+                     f"({'MADV_FREE' if backend == 'madvfree' else backend})")
 
-        step, start = phase("kernel reclaim"), time.perf_counter()
+        step = result.phase("kernel reclaim")
         chosen = set(random.Random(seed).sample(range(images), round(images * reclaim)))
         spared = [i for i in range(images) if i not in chosen]
         result.chosen = len(chosen)
         result.chosen_pages = sum(-(-weights[i] // PAGE) for i in chosen)
         result.rss_before = _rss()
+        before = cache.stats()  # purges found while pinning count with the access phase's
+        pinned = []
         for i in spared:  # pinned bitmaps are locked: the kernel cannot take them
-            cache.pin(i)
+            try:
+                cache.pin(i)
+                pinned.append(i)
+            except KeyError:  # already taken by the kernel under real pressure: a purge
+                result.taken_early += 1
         result.pages_reclaimed = force_reclaim(cache)
-        for i in spared:
+        for i in pinned:
             cache.unpin(i)
         result.rss_after = _rss()
         cache.sweep(idle=0)  # the spared bitmaps go back to unlocked, reclaimable but intact
-        step.seconds = time.perf_counter() - start
+        step.stop()
         step.note = (f"{len(chosen)} bitmaps chosen ({result.chosen_pages} pages), "
                      f"{result.pages_reclaimed} pages gone")
+        if result.taken_early:
+            step.note += f"; {result.taken_early} others taken by the kernel on its own"
 
-        step, start, bar = phase("access again"), time.perf_counter(), progress("access", images)
-        before = cache.stats()
+        step, bar = result.phase("access again"), progress("access", images)
         order = list(range(images))
         random.Random(seed + 1).shuffle(order)
         served = {}
@@ -307,25 +336,23 @@ def run_demo(images: int, size: int, backend: str = "auto", reclaim: float = 1 /
             served[i] = cache.get_or_create(i, paths[i])
             bar.advance()
         bar.close()
-        step.seconds = time.perf_counter() - start
+        step.stop()
         after = cache.stats()
         for name in ("hits", "misses", "purges_detected", "regenerations"):
             setattr(result, name, after[name] - before[name])
         step.note = (f"{result.hits} hits, {result.purges_detected} purges detected, "
                      f"{result.regenerations} regenerated from their PNG")
 
-        step, start, bar = phase("verify"), time.perf_counter(), progress("verify", images)
+        step, bar = result.phase("verify"), progress("verify", images)
         for i, path in enumerate(paths):
             with Image.open(path) as source:
                 source.load()
                 result.corrupt += not _same(served[i], source)
             bar.advance()
         bar.close()
-        step.seconds = time.perf_counter() - start
+        step.stop()
         step.note = f"{images} images compared pixel for pixel with their PNG: " \
                     f"{result.corrupt} corrupt"
-    cache.close()
-    return result
 
 
 def run(args: argparse.Namespace) -> int:
