@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from . import backends
 from ._core import DiscardableSharedMemory, LockResult, PageTable
-from .errors import BackendUnavailableError, DiscacheError, PurgedError, PurgedPageError
+from .errors import (BackendUnavailableError, DiscacheError, PinnedError, PurgedError,
+                     PurgedPageError)
 from .memory import DiscardableMemory, DiscardableMemoryAllocator, allocate, force_reclaim
 from .manager import DiscardableMemoryManager, default_manager
 from .cache import DiscardableCache, cached
@@ -20,6 +21,7 @@ __all__ = [
     "DiscardableSharedMemory",
     "LockResult",
     "PageTable",
+    "PinnedError",
     "PurgedError",
     "PurgedPageError",
     "__version__",

@@ -11,6 +11,7 @@ from typing import Any, Callable, Hashable, Iterator, NamedTuple, Optional
 import mmh3
 
 from ._core import SWEEP_EVERY, CacheCore, CacheEntry, CacheShard
+from .errors import PinnedError
 from .manager import PAGE, DiscardableMemoryManager, ManagedMemory, default_manager
 
 EVICTION_REASONS = ("size", "purged", "explicit")
@@ -124,6 +125,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         weight = self.getsizeof(value)
         if weight > self.maxsize:
             raise ValueError(f"value too large: {weight} bytes for a cache of {self.maxsize}")
+        self._refuse_if_pinned(key)
         with memoryview(value) as view, view.cast("B") as data:
             size = data.nbytes
             mem = self.manager.allocate(size) if size else None
@@ -145,6 +147,10 @@ class DiscardableCache(CacheCore, MutableMapping):
         shard = self._shard(key)
         with shard.lock:
             old = shard.entries.get(key)
+            if old is not None and old.pins:  # pinned since the check above
+                if mem is not None:
+                    mem.close()
+                raise PinnedError(f"{key!r} is pinned: unpin it before replacing it")
             if old is not None:
                 shard.remove(key)
                 self._release(old, weight=True)
@@ -157,9 +163,20 @@ class DiscardableCache(CacheCore, MutableMapping):
     def __delitem__(self, key: Hashable) -> None:
         shard = self._shard(key)
         with shard.lock:
-            entry = shard.remove(key)
+            entry = shard.entries[key]
+            if entry.pins:
+                # Its memory may be viewed right now: freeing it would pull it from under the view.
+                raise PinnedError(f"{key!r} is pinned: unpin it before deleting it")
+            shard.remove(key)
             self._release(entry, weight=True)
         self._evicted(key, "explicit")
+
+    def _refuse_if_pinned(self, key: Hashable) -> None:
+        shard = self._shard(key)
+        with shard.lock:
+            entry = shard.entries.get(key)
+            if entry is not None and entry.pins:
+                raise PinnedError(f"{key!r} is pinned: unpin it before replacing it")
 
     def __len__(self) -> int:
         return sum(len(shard.entries) for shard in self._shards)
@@ -188,7 +205,10 @@ class DiscardableCache(CacheCore, MutableMapping):
         if regenerated:
             with self._size_lock:
                 self.regenerations += 1
-        self[key] = created
+        try:
+            self[key] = created
+        except PinnedError:
+            pass  # another thread stored the key meanwhile and is reading it: keep its value
         with memoryview(created) as view:
             return view.tobytes()
 
@@ -197,7 +217,11 @@ class DiscardableCache(CacheCore, MutableMapping):
         """Zero-copy read-only access to the entry while it is held locked; KeyError if missing
         or purged."""
         self.pin(key)
-        entry = self._shard(key).entries[key]
+        shard = self._shard(key)
+        with shard.lock:
+            entry = shard.entries[key]
+            entry.used = True  # a read like get(): recently used, not idle
+            shard.touch(entry)
         if entry.mem is None:
             mv = memoryview(b"")
         else:
@@ -322,11 +346,11 @@ class DiscardableCache(CacheCore, MutableMapping):
                 return
 
     def clear(self) -> None:
-        """Drop every entry (reported as explicit evictions)."""
+        """Drop every entry but the pinned ones (reported as explicit evictions)."""
         for key in list(self):
             try:
                 del self[key]
-            except KeyError:
+            except (KeyError, PinnedError):
                 pass
 
     def close(self) -> None:

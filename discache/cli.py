@@ -33,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"discache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help=cmd_info.__doc__).set_defaults(func=cmd_info)
+    from .demo import add_parser as add_demo
     from .sim.command import add_parser as add_simulate
 
+    add_demo(sub)
     add_simulate(sub)
     from .benchreport import add_parser as add_bench
 

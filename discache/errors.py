@@ -19,3 +19,7 @@ class PurgedPageError(PurgedError):
 
 class BackendUnavailableError(DiscacheError):
     """The chosen memory backend cannot run on this machine; the message says why."""
+
+
+class PinnedError(DiscacheError, RuntimeError):
+    """A pinned cache entry cannot be deleted or replaced: its memory may be in use by a view."""

@@ -5,7 +5,7 @@ import threading
 import mmh3
 import pytest
 
-from discache import _core, force_reclaim
+from discache import PinnedError, _core, force_reclaim
 from discache.cache import DiscardableCache, cached
 from discache.manager import PAGE, DiscardableMemoryManager
 
@@ -153,6 +153,31 @@ def test_view_is_zero_copy_and_pins(backend):
             pass
 
 
+def test_get_or_create_keeps_a_value_stored_and_pinned_meanwhile(backend):
+    cache = make(backend)
+
+    def factory():  # another thread stores the key and views it while this one creates
+        cache["k"] = b"theirs"
+        cache.pin("k")
+        return b"mine"
+
+    assert cache.get_or_create("k", factory) == b"mine"
+    assert cache["k"] == b"theirs"
+    cache.unpin("k")
+
+
+def test_a_view_is_a_use_for_the_lru_order(backend):
+    events = []
+    cache = make(backend, maxsize=300, shards=1,
+                 on_evict=lambda key, reason: events.append((key, reason)))
+    for key in "abc":
+        cache[key] = value(1, 100)
+    with cache.view("a"):
+        pass
+    cache["d"] = value(2, 100)
+    assert events == [("b", "size")]
+
+
 def test_pin_and_unpin(backend):
     cache = make(backend, maxsize=200, shards=1)
     cache["a"] = value(1, 100)
@@ -165,6 +190,27 @@ def test_pin_and_unpin(backend):
         cache.unpin("a")
     with pytest.raises(KeyError):
         cache.pin("b")
+
+
+def test_a_pinned_entry_is_neither_deleted_nor_replaced(backend):
+    """Deleting or replacing a viewed entry used to free memory a view still pointed to and
+    leave currsize and the manager's accounting wrong."""
+    events = []
+    cache = make(backend, on_evict=lambda key, reason: events.append((key, reason)))
+    cache["k"] = b"kept"
+    allocated = cache.manager.stats()["allocated_bytes"]
+    with cache.view("k") as mv:
+        with pytest.raises(PinnedError, match="pinned"):
+            del cache["k"]
+        with pytest.raises(PinnedError, match="pinned"):
+            cache["k"] = b"new value"
+        cache.clear()  # keeps the pinned entry
+        assert bytes(mv) == b"kept"
+    assert cache["k"] == b"kept" and cache.currsize == 4 and events == []
+    assert cache.manager.stats()["allocated_bytes"] == allocated
+    cache["k"] = b"new value"
+    del cache["k"]
+    assert events == [("k", "explicit")] and cache.currsize == 0
 
 
 def test_cached_decorator(backend):

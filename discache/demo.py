@@ -1,0 +1,390 @@
+"""`discache demo`: decoded images in discardable memory, reclaimed by the real kernel, served
+back correct."""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, TextIO
+
+from . import force_reclaim
+from .errors import BackendUnavailableError
+from .manager import PAGE, DiscardableMemoryManager, default_limit, physical_ram
+
+MODES = ("RGB", "RGBA", "L", "P")
+IDLE_UNLOCK = 0.05  # seconds an image must go unused before a sweep unlocks it
+MAX_RAM_FRACTION = 4  # the demo's bitmaps never take more than a quarter of physical RAM
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {text}")
+    return value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the `demo` subcommand."""
+    p = sub.add_parser("demo", help=run.__doc__, description=__doc__)
+    p.add_argument("--backend", default="auto", choices=("auto", "madvfree", "memfd"),
+                   help="where the bitmaps live (default: auto, madvfree on Linux)")
+    p.add_argument("--images", type=_positive, default=300, help="images to generate (300)")
+    p.add_argument("--size", type=_positive, default=256,
+                   help="width and height of each image in pixels (256)")
+    p.add_argument("--reclaim", type=_fraction, default=1 / 3, metavar="FRACTION",
+                   help="share of the images the kernel is made to reclaim (1/3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the images and the choice (0)")
+    p.add_argument("--metrics-port", type=_port, metavar="PORT",
+                   help="reserved: Prometheus metrics arrive with the metrics issue")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars (they are drawn only on a terminal anyway)")
+    p.set_defaults(func=run)
+
+
+# ---------------------------------------------------------------------- progress and report
+
+
+class Progress:
+    """A one-line progress bar redrawn in place on a terminal; silent when disabled."""
+
+    WIDTH = 30
+
+    def __init__(self, label: str, total: int, stream: TextIO, enabled: bool) -> None:
+        self.label, self.total, self.stream, self.enabled = label, total, stream, enabled
+        self.done = 0
+        self._drawn = 0.0
+
+    def advance(self, n: int = 1) -> None:
+        """Count n more items; redraws at most 20 times a second."""
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and (now - self._drawn >= 0.05 or self.done >= self.total):
+            self._drawn = now
+            filled = self.WIDTH * self.done // max(self.total, 1)
+            bar = "#" * filled + "." * (self.WIDTH - filled)
+            self.stream.write(f"\r{self.label:<18} [{bar}] {self.done}/{self.total}")
+            self.stream.flush()
+
+    def close(self) -> None:
+        """Erase the bar."""
+        if self.enabled:
+            self.stream.write("\r" + " " * (self.WIDTH + 50) + "\r")
+            self.stream.flush()
+
+
+@dataclass
+class Phase:
+    """One timed step of the demo and what it did."""
+
+    name: str
+    seconds: float = 0.0
+    note: str = ""
+    started: float = field(default_factory=time.perf_counter, repr=False)
+
+    def stop(self) -> None:
+        """Record the time since the phase started."""
+        self.seconds = time.perf_counter() - self.started
+
+
+@dataclass
+class DemoResult:
+    """Every number the demo's table prints."""
+
+    images: int = 0
+    backend: str = ""
+    bitmap_bytes: int = 0
+    chosen: int = 0
+    chosen_pages: int = 0  # pages the chosen bitmaps occupy
+    taken_early: int = 0  # spared bitmaps the kernel took on its own (real memory pressure)
+    unlocked: int = 0
+    pages_reclaimed: int = 0
+    rss_before: int = 0
+    rss_after: int = 0
+    hits: int = 0
+    misses: int = 0
+    purges_detected: int = 0
+    regenerations: int = 0
+    corrupt: int = 0
+    phases: list[Phase] = field(default_factory=list)
+    on_phase: Optional[Callable[[str], None]] = field(default=None, repr=False, compare=False)
+
+    def phase(self, name: str) -> Phase:
+        """Start recording a new phase."""
+        if self.on_phase is not None:
+            self.on_phase(name)
+        self.phases.append(Phase(name))
+        return self.phases[-1]
+
+    @property
+    def bytes_reclaimed(self) -> int:
+        """Bytes the kernel discarded, from mincore() after MADV_PAGEOUT."""
+        return self.pages_reclaimed * PAGE
+
+    @property
+    def consistent(self) -> bool:
+        """Every purge was regenerated, every image was served, none more."""
+        return (self.regenerations == self.purges_detected
+                and self.hits + self.regenerations == self.images)
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of every phase."""
+        return sum(phase.seconds for phase in self.phases)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _how_reclaimed(backend: str) -> str:
+    if backend == "madvfree":
+        return "MADV_PAGEOUT by the kernel, counted by mincore"
+    return "holes punched: without swap the kernel never reclaims shmem"
+
+
+def format_table(result: DemoResult) -> str:
+    """The phases with their times, then the counters."""
+    rows = [f"{'phase':<18} {'time':>8}  what happened"]
+    rows += [f"{p.name:<18} {p.seconds:>7.2f}s  {p.note}" for p in result.phases]
+    rows.append(f"{'total':<18} {result.seconds:>7.2f}s")
+    rows.append("")
+    counters = [
+        ("images", f"{result.images}"),
+        ("hits", f"{result.hits}"),
+        ("purges detected", f"{result.purges_detected}"),
+        ("regenerations", f"{result.regenerations}"),
+        ("bytes reclaimed", f"{result.bytes_reclaimed} ({_mib(result.bytes_reclaimed)}, "
+                            f"{result.pages_reclaimed} pages, {_how_reclaimed(result.backend)})"),
+        ("process RSS", f"{_mib(result.rss_before)} -> {_mib(result.rss_after)} "
+                        "around the reclaim"),
+        ("corrupt", f"{result.corrupt}"),
+    ]
+    rows += [f"{name:<18} {value}" for name, value in counters]
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------- the images
+
+
+def draw_image(seed: int, size: int) -> Any:
+    """A varied picture: a rotated, tinted gradient, shapes and a label, in one of MODES."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    rng = random.Random(seed)
+    ramp = Image.radial_gradient("L") if seed % 2 else Image.linear_gradient("L")
+    ramp = ramp.rotate(rng.uniform(0, 360)).resize((size, size))
+    low = tuple(rng.randrange(256) for _ in range(3))
+    high = tuple(rng.randrange(256) for _ in range(3))
+    image = ImageOps.colorize(ramp, low, high).convert("RGBA")
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randrange(3, 9)):
+        box = sorted(rng.randrange(size) for _ in range(2)), sorted(rng.randrange(size)
+                                                                    for _ in range(2))
+        xy = (box[0][0], box[1][0], box[0][1], box[1][1])
+        fill = tuple(rng.randrange(256) for _ in range(4))
+        shape = rng.choice((draw.ellipse, draw.rectangle, draw.line))
+        if shape is draw.line:
+            shape(xy, fill=fill, width=rng.randrange(1, 6))
+        else:
+            shape(xy, fill=fill)
+    draw.text((4, 4), f"#{seed}", fill=(255, 255, 255, 255))
+    mode = MODES[seed % len(MODES)]
+    if mode == "P":
+        return image.convert("RGB").quantize(colors=rng.randrange(8, 65))
+    return image if mode == "RGBA" else image.convert(mode)
+
+
+def _rss() -> int:
+    """Resident bytes of this process (the kernel's count, /proc/self/statm)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * PAGE
+
+
+def _image_cache_class() -> Any:
+    """ImageCache, installed (discache.integrations) or from a source checkout (integrations)."""
+    try:
+        from .integrations.imagecache import ImageCache
+    except ModuleNotFoundError as error:
+        if error.name == "PIL":
+            raise
+        from integrations.imagecache import ImageCache  # type: ignore[no-redef]
+    return ImageCache
+
+
+def _same(a: Any, b: Any) -> bool:
+    return (a.mode, a.size, a.getpalette(), a.tobytes()) == (b.mode, b.size, b.getpalette(),
+                                                              b.tobytes())
+
+
+# ---------------------------------------------------------------------- the run
+
+
+def run_demo(images: int, size: int, backend: str = "auto", reclaim: float = 1 / 3,
+             seed: int = 0, progress: Optional[Callable[[str, int], Progress]] = None,
+             on_phase: Optional[Callable[[str, Any], None]] = None) -> DemoResult:
+    """Generate, decode, idle, reclaim a chosen share through the kernel, access all again and
+    compare every image with its file; returns the numbers.  on_phase(name, image_cache) is
+    called as each phase starts (for metrics exporters and tests)."""
+    ImageCache = _image_cache_class()
+    progress = progress or (lambda label, total: Progress(label, total, sys.stderr, False))
+    bitmap_bound = images * (size * size * 4 + 1088)  # RGBA pixels, header and palette
+    limit = max(default_limit(), bitmap_bound + (bitmap_bound >> 2))
+    if limit > physical_ram() // MAX_RAM_FRACTION:
+        raise ValueError(f"{images} images of {size}x{size} need up to {_mib(bitmap_bound)}, more "
+                         "than a quarter of this machine's RAM: lower --images or --size")
+    manager = DiscardableMemoryManager(limit, backend)
+    result = DemoResult(images=images, backend=manager.backend)
+    cache = ImageCache(limit, backend, manager=manager, idle_unlock=IDLE_UNLOCK)
+    if on_phase is not None:
+        result.on_phase = lambda name: on_phase(name, cache)
+    try:
+        _run_phases(result, cache, size, reclaim, seed, progress)
+    finally:
+        cache.close()
+    return result
+
+
+def _run_phases(result: DemoResult, cache: Any, size: int, reclaim: float, seed: int,
+                progress: Callable[[str, int], Progress]) -> None:
+    from PIL import Image
+
+    images, backend = result.images, result.backend
+
+    with tempfile.TemporaryDirectory(prefix="discache-demo-") as tmp:
+        paths = [pathlib.Path(tmp, f"image{i:05d}.png") for i in range(images)]
+
+        step, bar = result.phase("generate PNGs"), progress("generate", images)
+        for i, path in enumerate(paths):
+            draw_image(seed * 1_000_003 + i, size).save(path, compress_level=1)
+            bar.advance()
+        bar.close()
+        step.stop()
+        on_disk = sum(path.stat().st_size for path in paths)
+        step.note = (f"{images} images of {size}x{size} ({', '.join(MODES)}), "
+                     f"{_mib(on_disk)} of PNG")
+
+        step, bar = result.phase("decode into cache"), progress("decode", images)
+        weights = []
+        for i, path in enumerate(paths):
+            before = cache.currsize
+            cache.get_or_create(i, path)
+            weights.append(cache.currsize - before)  # this bitmap's bytes
+            bar.advance()
+        bar.close()
+        step.stop()
+        result.bitmap_bytes = cache.currsize
+        step.note = f"{len(cache)} bitmaps, {_mib(result.bitmap_bytes)} in discardable memory"
+
+        step = result.phase("go idle")
+        # Second chance: a first sweep marks the bitmaps unused, the next unlocks them.
+        for _ in range(2):
+            time.sleep(IDLE_UNLOCK)
+            result.unlocked += cache.sweep()
+        step.stop()
+        step.note = (f"{result.unlocked} bitmaps unlocked by idle sweeps "
+                     f"({'MADV_FREE' if backend == 'madvfree' else backend})")
+
+        step = result.phase("kernel reclaim")
+        chosen = set(random.Random(seed).sample(range(images), round(images * reclaim)))
+        spared = [i for i in range(images) if i not in chosen]
+        result.chosen = len(chosen)
+        result.chosen_pages = sum(-(-weights[i] // PAGE) for i in chosen)
+        result.rss_before = _rss()
+        before = cache.stats()  # purges found while pinning count with the access phase's
+        pinned = []
+        for i in spared:  # pinned bitmaps are locked: the kernel cannot take them
+            try:
+                cache.pin(i)
+                pinned.append(i)
+            except KeyError:  # already taken by the kernel under real pressure: a purge
+                result.taken_early += 1
+        result.pages_reclaimed = force_reclaim(cache)
+        for i in pinned:
+            cache.unpin(i)
+        result.rss_after = _rss()
+        cache.sweep(idle=0)  # the spared bitmaps go back to unlocked, reclaimable but intact
+        step.stop()
+        step.note = (f"{len(chosen)} bitmaps chosen ({result.chosen_pages} pages), "
+                     f"{result.pages_reclaimed} pages gone")
+        if result.taken_early:
+            step.note += f"; {result.taken_early} others taken by the kernel on its own"
+
+        step, bar = result.phase("access again"), progress("access", images)
+        order = list(range(images))
+        random.Random(seed + 1).shuffle(order)
+        served = {}
+        for i in order:
+            served[i] = cache.get_or_create(i, paths[i])
+            bar.advance()
+        bar.close()
+        step.stop()
+        after = cache.stats()
+        for name in ("hits", "misses", "purges_detected", "regenerations"):
+            setattr(result, name, after[name] - before[name])
+        step.note = (f"{result.hits} hits, {result.purges_detected} purges detected, "
+                     f"{result.regenerations} regenerated from their PNG")
+
+        step, bar = result.phase("verify"), progress("verify", images)
+        for i, path in enumerate(paths):
+            with Image.open(path) as source:
+                source.load()
+                result.corrupt += not _same(served[i], source)
+            bar.advance()
+        bar.close()
+        step.stop()
+        step.note = f"{images} images compared pixel for pixel with their PNG: " \
+                    f"{result.corrupt} corrupt"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Show the kernel reclaiming cached images and the cache serving only correct ones."""
+    if args.metrics_port is not None:
+        print(f"--metrics-port {args.metrics_port} is reserved: Prometheus metrics arrive with "
+              "the metrics issue; none are served yet.")
+    enabled = args.progress and sys.stderr.isatty()
+    try:
+        result = run_demo(args.images, args.size, args.backend, args.reclaim, args.seed,
+                          lambda label, total: Progress(label, total, sys.stderr, enabled))
+    except ModuleNotFoundError as error:
+        if error.name != "PIL":
+            raise
+        print("discache demo: Pillow is missing: pip install 'discache[image]'", file=sys.stderr)
+        return 2
+    except (BackendUnavailableError, ValueError) as error:
+        print(f"discache demo: {error}", file=sys.stderr)
+        return 2
+    print(f"discache demo: backend {result.backend} (real kernel), page {PAGE} bytes, "
+          f"pid {os.getpid()}")
+    print(format_table(result))
+    return exit_code(result)
+
+
+def exit_code(result: DemoResult) -> int:
+    """0 when every image was correct and the counters add up; 1 otherwise, saying why."""
+    if result.corrupt:
+        print(f"FAILED: {result.corrupt} corrupt image(s) were served", file=sys.stderr)
+        return 1
+    if not result.consistent:
+        print("FAILED: the counters do not add up (hits + regenerations != images, or "
+              "regenerations != purges detected)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,1 @@
+"""Integrations of discache with other libraries (installed as discache.integrations)."""

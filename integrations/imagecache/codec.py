@@ -1,0 +1,128 @@
+"""The layout of a bitmap in discardable memory: a fixed header, the palette, then raw pixels."""
+from __future__ import annotations
+
+import functools
+import struct
+from typing import NamedTuple, Optional
+
+from PIL import Image, ImagePalette
+
+# Modes whose raw bytes are Pillow's own in-memory layout, so Image.frombuffer maps them instead
+# of copying (Pillow's _MAPMODES).  RGB is not one: Pillow keeps 4 bytes per RGB pixel.
+ZERO_COPY_MODES = ("L", "P", "RGBA", "RGBX", "CMYK", "I;16", "I;16L", "I;16B")
+MAGIC = b"DCBM"
+VERSION = 1
+# magic, version, mode, width, height, palette mode and length, pixel offset and length
+HEADER = struct.Struct("<4sH10sII8sIIQ")
+ALIGN = 64  # pixels start on a cache line
+
+
+class BitmapFormatError(ValueError):
+    """Stored bytes that are not a bitmap this module wrote (a corrupt or foreign entry)."""
+
+
+class Layout(NamedTuple):
+    """What the header says: mode, size, palette and where the pixels are."""
+
+    mode: str
+    size: tuple[int, int]
+    palette_mode: str
+    palette: bytes
+    offset: int
+    length: int
+
+
+def encode(image: Image.Image) -> bytes:
+    """The bytes to store for image: header, palette, padding, raw pixels in the image's mode."""
+    image.load()
+    pixels = image.tobytes()
+    palette_mode, palette = "", b""
+    if image.mode in ("P", "PA") and image.palette is not None:
+        palette_mode = image.palette.mode
+        palette = bytes(image.getpalette(palette_mode) or b"")
+    offset = _aligned(HEADER.size + len(palette))
+    header = HEADER.pack(MAGIC, VERSION, image.mode.encode("ascii"), image.width, image.height,
+                         palette_mode.encode("ascii"), len(palette), offset, len(pixels))
+    padding = bytes(offset - HEADER.size - len(palette))
+    return b"".join((header, palette, padding, pixels))
+
+
+def layout(data: memoryview) -> Layout:
+    """Parse and check the header of stored bytes; BitmapFormatError if they are not a bitmap."""
+    if data.nbytes < HEADER.size:
+        raise BitmapFormatError(f"{data.nbytes} bytes are too few for a bitmap header")
+    magic, version, mode, width, height, palette_mode, palette_len, offset, length = \
+        HEADER.unpack_from(data)
+    if magic != MAGIC or version != VERSION:
+        raise BitmapFormatError(f"not a stored bitmap (magic {magic!r}, version {version})")
+    try:
+        mode_name = mode.rstrip(b"\0").decode("ascii")
+        palette_name = palette_mode.rstrip(b"\0").decode("ascii")
+    except UnicodeDecodeError:
+        raise BitmapFormatError("the bitmap header names no valid mode") from None
+    if offset < HEADER.size + palette_len or offset + length != data.nbytes:
+        raise BitmapFormatError(f"the bitmap header does not match its {data.nbytes} bytes")
+    if length != _row_bytes(mode_name, width) * height:
+        raise BitmapFormatError(f"{length} bytes of pixels are not a {width}x{height} "
+                                f"{mode_name} image")
+    palette = bytes(data[HEADER.size:HEADER.size + palette_len])
+    return Layout(mode_name, (width, height), palette_name, palette, offset, length)
+
+
+def decode(data: memoryview) -> Image.Image:
+    """An Image owning a copy of the stored bitmap."""
+    spec = layout(data)
+    if spec.length == 0:
+        image = Image.new(spec.mode, spec.size)
+    elif spec.mode in ZERO_COPY_MODES:
+        # Mapping then copying is one memcpy per line, faster than frombytes' raw decoder.
+        with data[spec.offset:] as pixels:
+            mapped = Image.frombuffer(spec.mode, spec.size, pixels, "raw", spec.mode, 0, 1)
+            image = mapped.copy()
+            mapped.close()
+            del mapped
+    else:
+        with data[spec.offset:] as pixels:
+            image = Image.frombytes(spec.mode, spec.size, pixels)
+    _apply_palette(image, spec)
+    return image
+
+
+def map_image(data: memoryview) -> tuple[Image.Image, Optional[memoryview]]:
+    """A read-only Image mapping the stored pixels where the mode allows, and the view of `data`
+    it holds (None when the mode made a copy necessary)."""
+    spec = layout(data)
+    if spec.length == 0 or spec.mode not in ZERO_COPY_MODES:
+        image = decode(data)
+        image.readonly = 1
+        return image, None
+    pixels = data[spec.offset:]
+    try:
+        image = Image.frombuffer(spec.mode, spec.size, pixels, "raw", spec.mode, 0, 1)
+        _apply_palette(image, spec)
+    except BaseException:
+        pixels.release()  # no export may outlive the caller's pin
+        raise
+    return image, pixels
+
+
+def _apply_palette(image: Image.Image, spec: Layout) -> None:
+    if not spec.palette_mode:
+        return
+    # Through ImagePalette and load(), not putpalette(): putpalette copies a read-only image.
+    image.palette = ImagePalette.raw(spec.palette_mode, spec.palette)
+    image.load()
+
+
+@functools.lru_cache(maxsize=256)
+def _row_bytes(mode: str, width: int) -> int:
+    """Bytes of one row of raw pixels; BitmapFormatError for a mode Pillow does not know."""
+    try:
+        return len(Image.new(mode, (width, 1)).tobytes())
+    except (ValueError, KeyError):
+        raise BitmapFormatError(f"{mode!r} is not a Pillow image mode") from None
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+

@@ -1,0 +1,107 @@
+"""`discache demo` end to end on the real kernel, its table, options and exit code."""
+import io
+import re
+
+import pytest
+
+from discache import cli, force_reclaim
+from discache.demo import MODES, DemoResult, Progress, draw_image, exit_code, run_demo
+from discache.manager import PAGE
+
+
+def table_numbers(out):
+    """The counters under the phase table, by name."""
+    numbers = {}
+    for name in ("images", "hits", "purges detected", "regenerations", "bytes reclaimed",
+                 "corrupt"):
+        match = re.search(rf"^{name} +(\d+)", out, re.M)
+        assert match, f"no {name!r} row in:\n{out}"
+        numbers[name] = int(match.group(1))
+    return numbers
+
+
+@pytest.mark.parametrize("backend", ["madvfree", "memfd"])
+def test_demo_runs_end_to_end_and_its_numbers_add_up(backend, capsys):
+    assert cli.main(["demo", "--backend", backend, "--images", "30", "--size", "48",
+                     "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    numbers = table_numbers(out)
+    assert f"backend {backend}" in out
+    assert numbers["images"] == 30 and numbers["corrupt"] == 0
+    assert numbers["purges detected"] == numbers["regenerations"] == 10, "a third reclaimed"
+    assert numbers["hits"] == 20
+    # Every chosen bitmap lost all of its pages: 1 page for L/P, 3 for RGB/RGBA at 48x48.
+    assert numbers["bytes reclaimed"] % PAGE == 0 and numbers["bytes reclaimed"] >= 10 * PAGE
+    for phase in ("generate PNGs", "decode into cache", "go idle", "kernel reclaim",
+                  "access again", "verify", "total"):
+        assert re.search(rf"^{phase} +\d+\.\d\ds", out, re.M), phase
+    assert "30 images compared pixel for pixel with their PNG: 0 corrupt" in out
+
+
+@pytest.mark.parametrize("share, purged", [(0, 0), (1, 12)])
+def test_the_reclaimed_share_is_what_gets_regenerated(share, purged):
+    result = run_demo(12, 32, "madvfree", reclaim=share, seed=3)
+    assert result.consistent and result.corrupt == 0
+    assert result.chosen == result.purges_detected == result.regenerations == purged
+    assert result.pages_reclaimed == result.chosen_pages, "the kernel took every chosen page"
+    assert (result.chosen_pages > 0) == bool(purged)
+    assert result.unlocked == 12, "every bitmap went idle"
+
+
+def test_bitmaps_the_kernel_took_before_the_reclaim_phase_count_as_purges():
+    """Under real memory pressure the kernel may take idle bitmaps before the demo chooses:
+    they are found purged when pinned, and the numbers still add up."""
+    seen = []
+
+    def on_phase(name, cache):
+        seen.append(name)
+        if name == "kernel reclaim":
+            assert force_reclaim(cache) > 0  # every bitmap is idle: the kernel takes them all
+
+    result = run_demo(12, 32, "madvfree", seed=4, on_phase=on_phase)
+    assert seen == ["generate PNGs", "decode into cache", "go idle", "kernel reclaim",
+                    "access again", "verify"]
+    assert result.taken_early == 8 and result.chosen == 4
+    assert result.purges_detected == result.regenerations == 12 and result.hits == 0
+    assert result.consistent and result.corrupt == 0
+
+
+def test_the_generated_images_vary_and_cover_every_mode():
+    images = [draw_image(seed, 40) for seed in range(8)]
+    assert {image.mode for image in images} == set(MODES)
+    assert len({image.tobytes() for image in images}) == 8
+    assert draw_image(5, 40).tobytes() == images[5].tobytes(), "deterministic by seed"
+
+
+def test_metrics_port_is_reserved_and_bad_options_are_refused(capsys):
+    assert cli.main(["demo", "--images", "2", "--size", "16", "--metrics-port", "9100"]) == 0
+    assert "--metrics-port 9100 is reserved" in capsys.readouterr().out
+    for bad in (["--images", "0"], ["--size", "-3"], ["--reclaim", "1.5"],
+                ["--metrics-port", "70000"], ["--backend", "ashmem"]):
+        with pytest.raises(SystemExit) as exit:
+            cli.main(["demo", *bad])
+        assert exit.value.code == 2
+    assert cli.main(["demo", "--images", "100000", "--size", "4000"]) == 2
+    assert "quarter of this machine's RAM" in capsys.readouterr().err
+
+
+def test_a_corrupt_image_or_counters_that_do_not_add_up_fail_the_run(capsys):
+    good = DemoResult(images=3, hits=2, purges_detected=1, regenerations=1)
+    assert exit_code(good) == 0
+    assert exit_code(DemoResult(images=3, hits=2, purges_detected=1, regenerations=1,
+                                corrupt=1)) == 1
+    assert "1 corrupt image(s)" in capsys.readouterr().err
+    assert exit_code(DemoResult(images=3, hits=2, purges_detected=1, regenerations=0)) == 1
+    assert "do not add up" in capsys.readouterr().err
+
+
+def test_progress_bar_draws_only_when_enabled():
+    stream = io.StringIO()
+    bar = Progress("decode", 4, stream, enabled=True)
+    for _ in range(4):
+        bar.advance()
+    bar.close()
+    assert "[" + "#" * Progress.WIDTH + "] 4/4" in stream.getvalue()
+    quiet = io.StringIO()
+    Progress("decode", 4, quiet, enabled=False).advance(4)
+    assert quiet.getvalue() == ""

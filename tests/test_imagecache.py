@@ -1,0 +1,310 @@
+"""ImageCache on the real kernel: round trips, purges and regeneration, zero-copy view lifetimes."""
+import gc
+import pathlib
+import subprocess
+import sys
+import threading
+
+import pytest
+from PIL import Image, ImageDraw
+
+from discache import PinnedError, force_reclaim
+from discache.manager import PAGE, DiscardableMemoryManager
+from integrations.imagecache import ZERO_COPY_MODES, ImageCache
+from integrations.imagecache.codec import encode, layout
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BACKENDS = ["madvfree", "memfd"]
+MODES = ["RGB", "RGBA", "L", "P", "PA", "LA", "1", "I", "F", "I;16", "I;16B", "CMYK", "RGBX",
+         "YCbCr"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def make(backend, maxsize=16 << 20, **kwargs):
+    kwargs.setdefault("manager", DiscardableMemoryManager(64 << 20, backend))
+    return ImageCache(maxsize, backend, **kwargs)
+
+
+def picture(seed, size=(37, 23), mode="RGB"):
+    """A drawing that differs from seed to seed, in any mode."""
+    image = Image.new("RGB", size, (seed * 37 % 256, seed * 91 % 256, seed * 13 % 256))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((seed % 7, 2, size[0] // 2 + seed % 5, size[1] - 3), fill=(250, seed % 256, 9))
+    draw.line((0, size[1] - 1, size[0] - 1, seed % size[1]), fill=(0, 255 - seed % 256, 128))
+    if mode in ("P", "PA"):
+        return image.convert("P", palette=Image.Palette.ADAPTIVE, colors=16).convert(mode)
+    return image.convert(mode)
+
+
+def same(a, b):
+    return (a.mode, a.size, a.tobytes(), a.getpalette()) == (b.mode, b.size, b.tobytes(),
+                                                              b.getpalette())
+
+
+def entry_of(cache, key):
+    return cache.cache._shard(key).entries[key]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_round_trip_in_every_mode(backend, mode):
+    cache = make(backend)
+    source = picture(3, mode=mode)
+    cache.put("k", source)
+    copy = cache.get("k")
+    assert same(copy, source) and not copy.readonly
+    with cache.view_image("k") as view:
+        assert same(view, source) and view.readonly
+    assert cache.stats()["hits"] == 1 and cache.stats()["views"] == 1
+
+
+def test_get_returns_an_image_that_owns_its_pixels(backend):
+    cache = make(backend)
+    cache.put("k", picture(1, mode="L"))
+    copy = cache.get("k")
+    assert force_reclaim(cache) > 0
+    assert same(copy, picture(1, mode="L")), "the kernel took the bitmap, not the copy"
+    copy.putpixel((0, 0), 7)  # writable, and its own
+    assert cache.get("k") is None and cache.get("k", "gone") == "gone"
+
+
+def test_sizes_are_bytes_and_the_least_recently_used_image_goes(backend):
+    events = []
+    cache = make(backend, maxsize=3 * (64 + 100 * 100), shards=1)
+    cache.cache.on_evict = lambda key, reason: events.append((key, reason))
+    for i in range(3):
+        cache.put(i, picture(i, (100, 100), "L"))
+    assert cache.currsize == 3 * (64 + 100 * 100) and len(cache) == 3
+    cache.get(0)
+    cache.put(3, picture(3, (100, 100), "L"))
+    assert events == [(1, "size")] and set(cache.cache) == {0, 2, 3}
+    with pytest.raises(ValueError, match="too large"):
+        cache.put("big", picture(4, (200, 200), "L"))
+    assert "big" not in cache and cache.currsize == 3 * (64 + 100 * 100)
+
+
+def test_purged_bitmaps_are_detected_and_regenerated(backend, tmp_path):
+    cache = make(backend)
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"{i}.png")
+        picture(i, (80, 60), "RGBA" if i % 2 else "RGB").save(paths[-1])
+    calls = []
+
+    def drawn():
+        calls.append(1)
+        return picture(9, mode="P")
+
+    first = [cache.get_or_create(i, str(p)) for i, p in enumerate(paths)]
+    first.append(cache.get_or_create("drawn", drawn))
+    cache.pin(5)
+    pages = force_reclaim(cache)
+    assert pages == sum(-(-entry_of(cache, k).size // PAGE) for k in (0, 1, 2, 3, 4, "drawn"))
+    again = [cache.get_or_create(i, p) for i, p in enumerate(paths)]
+    again.append(cache.get_or_create("drawn", drawn))
+    cache.unpin(5)
+    assert all(same(a, b) for a, b in zip(first, again))
+    assert all(same(a, Image.open(p)) for a, p in zip(again, paths))
+    assert len(calls) == 2
+    stats = cache.stats()
+    assert stats["purges_detected"] == stats["regenerations"] == 6
+    assert stats["hits"] == 1 and stats["misses"] == 7 + 6
+    assert stats["evictions_purged"] == 6 and stats["entries"] == 7
+
+
+def test_metrics_snapshot_counts_image_reads(backend):
+    cache = make(backend)
+    cache.get_or_create("k", lambda: picture(1, (64, 64), "RGBA"))
+    cache.get("k")
+    with cache.view_image("k"):
+        pass
+    force_reclaim(cache)
+    cache.get_or_create("k", lambda: picture(1, (64, 64), "RGBA"))
+    snapshot = cache.metrics_snapshot()
+    assert (snapshot["hits"], snapshot["misses"], snapshot["regenerations"]) == (2, 2, 1)
+    assert snapshot["locks"]["purged"] == 1 and snapshot["evictions"]["purged"] == 1
+    assert snapshot["allocated_bytes"] == 5 * PAGE == snapshot["locked_bytes"]
+
+
+def test_the_record_of_purged_keys_is_bounded(backend):
+    cache = make(backend)
+    cache._purged_kept = 2  # PURGED_KEYS_KEPT per shard in real use
+    for key in "abc":
+        cache.put(key, picture(1))
+        cache.sweep(idle=0)
+        force_reclaim(cache)
+        assert cache.get(key) is None
+    for key in "abc":
+        cache.get_or_create(key, lambda: picture(1))
+    stats = cache.stats()
+    assert stats["purges_detected"] == 3 and stats["regenerations"] == 2, "the oldest forgotten"
+
+
+def test_a_partially_zeroed_bitmap_is_caught_with_verify(backend):
+    cache = make(backend, verify=True)
+    cache.put("k", picture(2, (128, 64), "RGB"))  # 24 KiB: several pages
+    cache.sweep(idle=0)
+    entry = entry_of(cache, "k")
+    with memoryview(entry.mem._segment) as raw:  # zero part of a page behind the cache's back
+        start = entry.mem.offset + PAGE + 100
+        raw[start:start + 300] = bytes(300)
+    assert cache.get_or_create("k", lambda: picture(2, (128, 64))).tobytes() == \
+        picture(2, (128, 64)).tobytes()
+    assert cache.stats()["purges_detected"] == cache.stats()["regenerations"] == 1
+
+
+def test_a_foreign_or_inconsistent_entry_is_dropped_not_returned(backend):
+    cache = make(backend)
+    cache.cache["junk"] = b"not a bitmap" * 10
+    assert cache.get("junk") is None
+    cache.cache["junk"] = b"x" * 100
+    with pytest.raises(KeyError):
+        with cache.view_image("junk"):
+            pass
+    good = bytearray(encode(picture(1, (10, 10), "L")))
+    for field, value in ((6, b"XYZ\0"), (16, (11).to_bytes(4, "little"))):  # mode, width
+        bad = good.copy()
+        bad[field:field + len(value)] = value
+        cache.cache["bad"] = bytes(bad)
+        assert cache.get("bad") is None
+    assert cache.stats()["corrupt_entries"] == 4 and "junk" not in cache and "bad" not in cache
+
+
+def test_view_image_is_zero_copy_where_pillow_maps(backend):
+    cache = make(backend)
+    for mode in ("L", "P", "RGBA", "CMYK", "I;16B", "RGB", "LA", "1"):
+        cache.put(mode, picture(5, mode=mode))
+        entry = entry_of(cache, mode)
+        with cache.view_image(mode) as view, memoryview(entry.mem._segment) as raw:
+            with entry.mem.data as data:
+                pixels = entry.mem.offset + layout(data[:entry.size]).offset
+            raw[pixels] = (raw[pixels] + 1) % 256  # write behind the cache's back
+            changed = view.tobytes()[0] != picture(5, mode=mode).tobytes()[0]
+            raw[pixels] = (raw[pixels] - 1) % 256
+        assert changed == (mode in ZERO_COPY_MODES), mode
+
+
+def test_a_viewed_bitmap_stays_locked_and_the_view_dies_with_the_block(backend):
+    cache = make(backend)
+    cache.put("k", picture(1, (64, 64), "RGBA"))
+    cache.put("other", picture(2, (64, 64), "RGBA"))
+    with cache.view_image("k") as view:
+        assert cache.sweep(idle=0) == 1, "only the other bitmap is unlocked"
+        pages = -(-entry_of(cache, "other").size // PAGE)
+        assert force_reclaim(cache) == pages, "only the other bitmap's pages go"
+        assert same(view, picture(1, (64, 64), "RGBA"))
+        with pytest.raises(PinnedError, match="pinned"):
+            cache.delete("k")
+        with pytest.raises(PinnedError, match="pinned"):
+            cache.put("k", picture(3))
+        assert cache.stats()["pinned_entries"] == 1
+    with pytest.raises(ValueError, match="closed"):
+        view.getpixel((0, 0))
+    assert cache.stats()["pinned_entries"] == 0 and cache.sweep(idle=0) == 1
+    assert cache.get("other") is None and same(cache.get("k"), picture(1, (64, 64), "RGBA"))
+
+
+def test_pixels_kept_past_the_block_keep_the_entry_pinned(backend):
+    cache = make(backend)
+    cache.put("k", picture(1, (64, 64), "L"))
+    with pytest.warns(ResourceWarning, match="outlived"):
+        with cache.view_image("k") as view:
+            core = view.im  # the mapped pixels, kept beyond the block
+    assert cache.stats()["pinned_entries"] == 1
+    assert cache.sweep(idle=0) == 0 and force_reclaim(cache) == 0
+    assert core.getpixel((3, 3)) == picture(1, (64, 64), "L").getpixel((3, 3))
+    del core
+    gc.collect()
+    assert cache.stats()["pinned_entries"] == 0 and cache.sweep(idle=0) == 1
+
+
+def test_bad_inputs_raise_and_store_nothing(backend, tmp_path):
+    cache = make(backend)
+    with pytest.raises(TypeError, match="PIL Image"):
+        cache.put("k", b"raw bytes")
+    with pytest.raises(TypeError, match="path or a callable"):
+        cache.get_or_create("k", 42)
+    with pytest.raises(TypeError, match="returned bytes"):
+        cache.get_or_create("k", lambda: b"not an image")
+    with pytest.raises(FileNotFoundError):
+        cache.get_or_create("k", str(tmp_path / "missing.png"))
+    (tmp_path / "text.png").write_text("not a png")
+    with pytest.raises(OSError):
+        cache.get_or_create("k", tmp_path / "text.png")
+    with pytest.raises(KeyError):
+        with cache.view_image("k"):
+            pass
+    with pytest.raises(TypeError):
+        cache.put(["unhashable"], picture(1))
+    assert len(cache) == 0 and cache.currsize == 0 and cache.stats()["puts"] == 0
+    with pytest.raises(ValueError, match="maxsize"):
+        ImageCache(0, backend)
+    with pytest.raises(ValueError, match="differs"):
+        ImageCache(1 << 20, "memfd" if backend == "madvfree" else "madvfree",
+                   manager=cache.manager)
+
+
+def test_threads_share_one_cache_while_the_kernel_reclaims(backend):
+    cache = make(backend)
+    sources = {i: picture(i, (48, 32), ("RGB", "L", "RGBA")[i % 3]) for i in range(24)}
+    wrong, errors = [], []
+
+    def worker(offset):
+        try:
+            for n in range(150):
+                key = (n * 7 + offset) % 24
+                image = cache.get_or_create(key, lambda key=key: sources[key])
+                if not same(image, sources[key]):
+                    wrong.append(key)
+                if n % 5 == 0:
+                    try:
+                        with cache.view_image(key) as view:
+                            if not same(view, sources[key]):
+                                wrong.append(key)
+                    except KeyError:  # reclaimed by another thread meanwhile
+                        pass
+                if n % 50 == 49:
+                    force_reclaim(cache)
+        except Exception as error:  # reported below: a thread's exception must fail the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stats = cache.stats()
+    assert errors == [] and wrong == [] and stats["purges_detected"] > 0
+    assert stats["regenerations"] <= stats["purges_detected"]
+    assert stats["pinned_entries"] == 0
+
+
+def test_a_key_stored_and_viewed_meanwhile_is_kept(backend):
+    """get_or_create racing another thread that stored the key and views it: no error, the
+    viewed bitmap stays, the caller gets the image it made."""
+    cache = make(backend)
+    first, second = picture(1), picture(2)
+
+    def make_second():
+        cache.put("k", first)
+        cache.pin("k")  # as view_image does
+        return second
+
+    assert same(cache.get_or_create("k", make_second), second)
+    assert same(cache.get("k"), first)
+    with pytest.raises(PinnedError):
+        cache.put("k", second)
+    cache.unpin("k")
+    cache.put("k", second)
+    assert same(cache.get("k"), second)
+
+
+def test_the_thumbnail_example_runs():
+    script = ROOT / "integrations" / "imagecache" / "examples" / "thumbnails.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=60, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert "purges detected 6, regenerations 6" in result.stdout
