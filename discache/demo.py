@@ -54,7 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="share of the images the kernel is made to reclaim (1/3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the images and the choice (0)")
     p.add_argument("--metrics-port", type=_port, metavar="PORT",
-                   help="reserved: Prometheus metrics arrive with the metrics issue")
+                   help="serve Prometheus metrics of the cache and its manager on "
+                        "http://127.0.0.1:PORT/metrics while the demo runs")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars (they are drawn only on a terminal anyway)")
     p.set_defaults(func=run)
@@ -357,13 +358,28 @@ def _run_phases(result: DemoResult, cache: Any, size: int, reclaim: float, seed:
 
 def run(args: argparse.Namespace) -> int:
     """Show the kernel reclaiming cached images and the cache serving only correct ones."""
+    exporter = None
     if args.metrics_port is not None:
-        print(f"--metrics-port {args.metrics_port} is reserved: Prometheus metrics arrive with "
-              "the metrics issue; none are served yet.")
+        from .metrics import Exporter
+
+        try:
+            exporter = Exporter(args.metrics_port)
+        except OSError as error:
+            print(f"discache demo: cannot serve metrics on 127.0.0.1:{args.metrics_port}: "
+                  f"{error.strerror}", file=sys.stderr)
+            return 2
+        print(f"discache demo: metrics on http://127.0.0.1:{exporter.port}/metrics", flush=True)
+
+    def export(name: str, cache: Any) -> None:
+        if exporter is not None and not exporter.collector.watched():
+            exporter.watch(cache, "demo")
+            exporter.watch(cache.manager, "demo-manager")
+
     enabled = args.progress and sys.stderr.isatty()
     try:
         result = run_demo(args.images, args.size, args.backend, args.reclaim, args.seed,
-                          lambda label, total: Progress(label, total, sys.stderr, enabled))
+                          lambda label, total: Progress(label, total, sys.stderr, enabled),
+                          export if exporter is not None else None)
     except ModuleNotFoundError as error:
         if error.name != "PIL":
             raise
@@ -372,6 +388,9 @@ def run(args: argparse.Namespace) -> int:
     except (BackendUnavailableError, ValueError) as error:
         print(f"discache demo: {error}", file=sys.stderr)
         return 2
+    finally:
+        if exporter is not None:
+            exporter.close()
     print(f"discache demo: backend {result.backend} (real kernel), page {PAGE} bytes, "
           f"pid {os.getpid()}")
     print(format_table(result))

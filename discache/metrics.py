@@ -199,6 +199,35 @@ class DiscacheCollector:
             yield family
 
 
+class Exporter:
+    """A /metrics HTTP server (prometheus_client's) of its own registry and DiscacheCollector."""
+
+    def __init__(self, port: int, addr: str = "127.0.0.1", latency: bool = True):
+        from prometheus_client import start_http_server
+
+        self.registry = CollectorRegistry()
+        self.collector = DiscacheCollector(self.registry, latency)
+        self._server, self._thread = start_http_server(port, addr, registry=self.registry)
+        self.addr = addr
+        self.port: int = self._server.server_port  # the port chosen when 0 was asked
+
+    def watch(self, obj: MetricsSource, name: str) -> None:
+        """Export obj's numbers with label name=name while obj lives."""
+        self.collector.watch(obj, name)
+
+    def close(self) -> None:
+        """Stop serving and free the port."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    def __enter__(self) -> "Exporter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 _default: DiscacheCollector | None = None
 _default_lock = threading.Lock()
 

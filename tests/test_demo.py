@@ -1,8 +1,10 @@
 """`discache demo` end to end on the real kernel, its table, options and exit code."""
 import io
 import re
+import socket
 
 import pytest
+from prometheus_server import free_port
 
 from discache import cli, force_reclaim
 from discache.demo import MODES, DemoResult, Progress, draw_image, exit_code, run_demo
@@ -73,9 +75,18 @@ def test_the_generated_images_vary_and_cover_every_mode():
     assert draw_image(5, 40).tobytes() == images[5].tobytes(), "deterministic by seed"
 
 
-def test_metrics_port_is_reserved_and_bad_options_are_refused(capsys):
-    assert cli.main(["demo", "--images", "2", "--size", "16", "--metrics-port", "9100"]) == 0
-    assert "--metrics-port 9100 is reserved" in capsys.readouterr().out
+def test_metrics_port_serves_while_running_and_bad_options_are_refused(capsys):
+    port = free_port()
+    assert cli.main(["demo", "--images", "2", "--size", "16", "--metrics-port", str(port)]) == 0
+    assert f"metrics on http://127.0.0.1:{port}/metrics" in capsys.readouterr().out
+    with pytest.raises(ConnectionRefusedError):  # the server is gone with the demo
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        assert cli.main(["demo", "--images", "2", "--size", "16", "--metrics-port", busy]) == 2
+        assert f"cannot serve metrics on 127.0.0.1:{busy}" in capsys.readouterr().err
     for bad in (["--images", "0"], ["--size", "-3"], ["--reclaim", "1.5"],
                 ["--metrics-port", "70000"], ["--backend", "ashmem"]):
         with pytest.raises(SystemExit) as exit:

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import gc
+import socket
+import urllib.request
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from discache import DiscardableCache, DiscardableMemoryManager
 from discache.cache import EVICTION_REASONS
 from discache.manager import PAGE
-from discache.metrics import DiscacheCollector
+from discache.demo import run_demo
+from discache.metrics import DiscacheCollector, Exporter
 
 
 def busy_cache() -> DiscardableCache:
@@ -78,3 +82,53 @@ def test_a_collected_cache_leaves_the_export():
     del cache
     gc.collect()
     assert registry.get_sample_value("discache_cache_hits_total", {"name": "tiles"}) is None
+
+
+def test_exporter_serves_on_loopback_and_frees_its_port():
+    cache = busy_cache()
+    with Exporter(0) as exporter:
+        exporter.watch(cache, "tiles")
+        assert exporter.addr == "127.0.0.1" and exporter.port > 0
+        url = f"http://127.0.0.1:{exporter.port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        assert 'discache_cache_hits_total{name="tiles"} 1.0' in text
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", exporter.port), timeout=5).close()
+
+
+def test_a_real_prometheus_scrapes_the_demo_while_it_runs(prometheus):
+    """discache demo's own cache and manager, checked against their snapshots at two phases."""
+    checked = []
+    with Exporter(0) as exporter:
+        server = prometheus([f"127.0.0.1:{exporter.port}"])
+        server.wait_for_scrape()
+
+        def on_phase(name, cache):
+            if not exporter.collector.watched():
+                exporter.watch(cache, "demo")
+                exporter.watch(cache.manager, "demo-manager")
+            if name not in ("go idle", "verify"):
+                return
+            # the demo pauses here: what Prometheus scrapes must be the cache's numbers now
+            snap, manager = cache.metrics_snapshot(), cache.manager.metrics_snapshot()
+            for series, key in (("discache_allocated_bytes", "allocated_bytes"),
+                                ("discache_cache_hits_total", "hits"),
+                                ("discache_cache_misses_total", "misses"),
+                                ("discache_regenerations_total", "regenerations"),
+                                ("discache_purged_bytes_total", "purged_bytes")):
+                assert server.wait_for_value(f'{series}{{name="demo"}}',
+                                             expect=float(snap[key])) == snap[key], series
+            assert server.wait_for_value(
+                'discache_locked_bytes{name="demo-manager"}',
+                expect=float(manager["locked_bytes"])) == manager["locked_bytes"]
+            checked.append((name, snap["misses"], snap["regenerations"]))
+
+        result = run_demo(12, 32, "madvfree", reclaim=0.5, seed=3, on_phase=on_phase)
+    assert result.consistent and result.corrupt == 0
+    assert [c[0] for c in checked] == ["go idle", "verify"]
+    (_, misses_idle, regen_idle), (_, misses_end, regen_end) = checked
+    assert misses_idle == 12 and regen_idle == 0, "every image decoded once"
+    assert result.chosen == 6
+    assert regen_end == result.regenerations == result.chosen + result.taken_early, \
+        "the reclaimed half (and any bitmap the kernel took on its own) was regenerated"
