@@ -164,6 +164,7 @@ class DiscardableMemoryManager:
         segment_bytes: int = SEGMENT_BYTES,
         purge_age: float = PURGE_AGE,
         clock: Callable[[], float] = time.monotonic,
+        record_latency: bool = True,
     ) -> None:
         limit = default_limit() if limit is None else limit
         if not isinstance(limit, int) or limit <= 0:
@@ -191,6 +192,12 @@ class DiscardableMemoryManager:
         self._background: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._monitor: Any = None
+        # lock/unlock durations for discache.metrics; None: not recorded (saves two clock reads)
+        self.latency: Optional[dict[str, Any]] = None
+        if record_latency:
+            from .metrics import OPERATIONS, LatencyHistogram
+
+            self.latency = {op: LatencyHistogram() for op in OPERATIONS}
 
     # ------------------------------------------------------------------ allocation
 
@@ -223,6 +230,7 @@ class DiscardableMemoryManager:
             return mem
 
     def _lock(self, mem: ManagedMemory) -> bool:
+        started = time.perf_counter() if self.latency is not None else 0.0
         with self._lock_:
             size = mem.npages * PAGE
             self._unlocked.pop(id(mem), None)
@@ -236,9 +244,12 @@ class DiscardableMemoryManager:
             mem.purged_pages = lost
             self.bytes_locked += size
             self.counters["locks_purged" if lost else "locks_success"] += 1
-            return lost == 0
+        if self.latency is not None:
+            self.latency["lock"].observe(time.perf_counter() - started)
+        return lost == 0
 
     def _unlock(self, mem: ManagedMemory) -> None:
+        started = time.perf_counter() if self.latency is not None else 0.0
         with self._lock_:
             mem._segment.unlock_span(mem._span.first, mem._span.npages)
             mem._locked = False
@@ -247,6 +258,8 @@ class DiscardableMemoryManager:
             self.bytes_locked -= mem.npages * PAGE
             self.counters["unlocks"] += 1
             self._purge_to(self.limit)
+        if self.latency is not None:
+            self.latency["unlock"].observe(time.perf_counter() - started)
 
     def unlock_many(self, mems: list[ManagedMemory]) -> int:
         """Unlock several locked allocations, one madvise per run of adjacent spans; returns the
@@ -420,6 +433,8 @@ class DiscardableMemoryManager:
                 "locks": {"success": c["locks_success"], "purged": c["locks_purged"],
                           "failed": 0},
                 "pressure_events": {level: c[f"pressure_{level}"] for level in PRESSURE_LEVELS},
+                **({"durations": {op: h.snapshot() for op, h in self.latency.items()}}
+                   if self.latency is not None else {}),
             }
 
     def __repr__(self) -> str:

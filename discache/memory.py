@@ -255,6 +255,14 @@ class DiscardableMemoryAllocator:
         """Bytes of the memory allocated here that is not closed yet."""
         return sum(mem.nbytes for mem in list(self._live) if not mem.closed)
 
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """The numbers discache.metrics exports for this allocator's live allocations."""
+        live = [mem for mem in list(self._live) if not mem.closed]
+        locked = sum(mem.nbytes for mem in live if mem.is_locked)
+        allocated = sum(mem.nbytes for mem in live)
+        return {"allocated_bytes": allocated, "locked_bytes": locked,
+                "unlocked_bytes": allocated - locked}
+
     def release_free_memory(self) -> int:
         """Discard every unlocked allocation now; returns the bytes released (page-rounded)."""
         page = _core.page_size()

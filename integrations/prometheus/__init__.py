@@ -1,0 +1,1 @@
+"""Prometheus integration: a load-generating service, alerting rules and a Grafana dashboard."""
