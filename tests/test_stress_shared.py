@@ -23,7 +23,7 @@ PAGE = _core.page_size()
 PROCESSES = 4
 SEGMENTS = 3
 NPAGES = 4
-DURATION_S = seconds(12.0)
+DURATION_S = seconds(15.0)
 WORKER = os.path.join(os.path.dirname(__file__), "stress_shared_worker.py")
 PARENT = 9  # the id the creating process stamps its first contents with
 
