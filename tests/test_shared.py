@@ -284,9 +284,12 @@ def test_a_lock_during_a_purge_waits_for_the_hole_punch():
         with purger.data as view:
             view[:] = b"\xaa" * nbytes  # populated: the punch takes milliseconds
         purger.unlock()
+        unlocked = other._state_word()
         done = threading.Event()
         thread = threading.Thread(target=lambda: (purger.purge(), done.set()))
         thread.start()
+        while other._state_word() == unlocked:  # until the purge's compare-and-swap
+            pass
         result = LockResult.FAILED
         while result == LockResult.FAILED:  # the punch runs without the GIL
             result = other.lock()
