@@ -169,8 +169,8 @@ def main() -> None:
     error = None
     try:
         runner.run(seconds)
-    except InvariantError as failure:
-        error = str(failure)
+    except Exception as failure:  # reported to the test, which fails on it
+        error = f"{type(failure).__name__}: {failure}"
     channel.sendall((json.dumps({"counts": runner.counts, "error": error}) + "\n").encode())
     for shm in segments:
         shm.close()

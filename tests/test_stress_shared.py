@@ -40,6 +40,7 @@ def start_worker(worker: int, fds: list[int], started_us: int) -> tuple:
         pass_fds=[theirs.fileno()], env=env)
     theirs.close()
     socket.send_fds(ours, [b"x"], fds)
+    ours.settimeout(DURATION_S + 60)  # a hung worker fails the test instead of blocking it
     replies = ours.makefile("r")
     assert replies.readline() == "ready\n"
     return process, ours, replies
