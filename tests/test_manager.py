@@ -57,6 +57,15 @@ def test_contents_survive_unlock_and_lock_when_not_reclaimed(backend):
     assert a.read() == bytes([0xA1]) * (2 * PAGE) and b.read() == bytes([0xB2]) * (3 * PAGE)
 
 
+def test_data_after_the_caller_released_its_view(backend):
+    # Regression: .data kept handing out the view a `with mem.data as view:` had released.
+    mem = make(backend).allocate(2 * PAGE)
+    with mem.data as view:
+        view[:3] = b"abc"
+    assert bytes(mem.data[:3]) == b"abc"
+    mem.unlock()
+
+
 def test_over_the_limit_the_least_recently_unlocked_is_purged_first(backend):
     m = make(backend, limit=8 * PAGE)
     mems = [filled(m, 2, i) for i in range(4)]  # exactly at the limit
