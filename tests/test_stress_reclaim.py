@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import struct
+import sys
 import threading
 import time
 from collections import Counter
@@ -11,6 +12,7 @@ import pytest
 
 import discache
 from discache import _core, backends, force_reclaim
+from discache.manager import ManagedMemory
 
 from stress import report, seconds
 
@@ -18,9 +20,10 @@ PAGE = _core.page_size()
 WORKERS = 2
 SMALL_PAGES = 16
 LARGE_PAGES = 2048  # from here lock and unlock run without the GIL (MADVFREE_NOGIL_PAGES)
-MADVFREE_S = seconds(16.0)  # split between the two modes
+MADVFREE_S = seconds(18.0)  # split between the three kinds of memory
 CACHE_S = seconds(12.0)
 SIGBUS_S = seconds(14.0)
+SWITCH_INTERVAL_S = 20e-6  # the GIL changes hands 250 times as often as by default
 
 AVAILABLE = {info.name for info in backends.available() if info.available}
 
@@ -38,9 +41,17 @@ def pattern(owner: int, npages: int, generation: int) -> bytes:
     return b"".join(page_word(owner, p, generation) * (PAGE // 8) for p in range(npages))
 
 
+def resident(mem, first: int = 0, count: int = -1) -> int:
+    """How many of mem's pages [first, first+count) mincore says are resident."""
+    count = mem.npages - first if count < 0 else count
+    if isinstance(mem, ManagedMemory):
+        return mem._segment.resident_pages(mem._span.first + first, count)
+    return mem._resident_pages(first, count)
+
+
 def missing_pages(mem) -> set[int]:
     """Pages of mem that mincore says are not resident (discarded, while unlocked)."""
-    return {p for p in range(mem.npages) if not mem._resident_pages(p, 1)}
+    return {p for p in range(mem.npages) if not resident(mem, p, 1)}
 
 
 def zero_pages(mem, expected: bytes) -> set[int]:
@@ -79,10 +90,15 @@ class Storm:
     def run(self, workers: list, reclaimer) -> None:
         threads = [threading.Thread(target=self._guarded, args=(target,))
                    for target in [*workers, reclaimer]]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)  # threads interleave inside each other's calls
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            sys.setswitchinterval(interval)
         if self.failures:
             raise self.failures[0]
 
@@ -99,13 +115,13 @@ class Storm:
             mem = chance.choice(memories)
             with self.guard:
                 try:
-                    resident = mem._resident_pages()
-                    if chance.random() < 0.5:
+                    before = resident(mem)
+                    if chance.random() < 0.5 or isinstance(mem, ManagedMemory):
                         force_reclaim(mem)
                     else:
                         first = chance.randrange(mem.npages)
                         mem._force_reclaim(first, chance.randint(1, mem.npages - first))
-                    discarded = resident - mem._resident_pages()
+                    discarded = before - resident(mem)
                 except RuntimeError:  # a lock or unlock of it runs without the GIL right now
                     self.count(reclaims_busy=1)
                     continue
@@ -114,11 +130,16 @@ class Storm:
 
 
 @needs("madvfree")
-@pytest.mark.parametrize("sigbus", [False, True], ids=["madvfree", "madvfree-sigbus"])
-def test_madvfree_memory_under_a_reclaim_storm(sigbus):
-    storm = Storm(MADVFREE_S / 2)
-    memories = [[discache.allocate(n * PAGE, "madvfree", sigbus=sigbus)
-                 for n in (SMALL_PAGES, LARGE_PAGES)] for _ in range(WORKERS)]
+@pytest.mark.parametrize("kind", ["madvfree", "madvfree-sigbus", "managed"])
+def test_madvfree_memory_under_a_reclaim_storm(kind):
+    storm = Storm(MADVFREE_S / 3)
+    if kind == "managed":  # spans of a manager's madvfree segments
+        manager = discache.DiscardableMemoryManager(limit=64 << 20, backend="madvfree")
+        memories = [[manager.allocate(n * PAGE) for n in (SMALL_PAGES, 256)]
+                    for _ in range(WORKERS)]
+    else:
+        memories = [[discache.allocate(n * PAGE, "madvfree", sigbus=kind != "madvfree")
+                     for n in (SMALL_PAGES, LARGE_PAGES)] for _ in range(WORKERS)]
 
     def work(owner: int) -> None:
         chance = random.Random(owner)
@@ -153,7 +174,7 @@ def test_madvfree_memory_under_a_reclaim_storm(sigbus):
             with mem.data as view:
                 view[:] = expected
             time.sleep(chance.random() * 0.002)  # locked while the reclaimer keeps going
-            assert mem._resident_pages() == mem.npages, "a locked page was discarded"
+            assert resident(mem) == mem.npages, "a locked page was discarded"
             assert zero_pages(mem, expected) == set(), "locked contents changed"
             mem.unlock()
             storm.count(operations=4)  # lock, write, verify, unlock
@@ -168,8 +189,7 @@ def test_madvfree_memory_under_a_reclaim_storm(sigbus):
     counts = storm.counts
     assert counts["locks"] > 100 and counts["pages_discarded"] > 100, counts
     assert counts["pages_lost"] > 0, "the storm never made a lock find a loss"
-    report(f"reclaim-{'madvfree-sigbus' if sigbus else 'madvfree'}",
-           {"threads": WORKERS + 1, "seconds": MADVFREE_S / 2,
+    report(f"reclaim-{kind}", {"threads": WORKERS + 1, "seconds": MADVFREE_S / 3,
             **dict(sorted(counts.items()))})
 
 
