@@ -79,13 +79,15 @@ class Storm:
         self.counts: Counter = Counter()
         self.failures: list[BaseException] = []
         self.guard = threading.Lock()  # taken by a worker for a reclaim-free mincore-to-lock
+        self.counting = threading.Lock()
 
     def running(self) -> bool:
         return time.monotonic() < self.deadline and not self.failures
 
     def count(self, **amounts: int) -> None:
-        for key, amount in amounts.items():
-            self.counts[key] += amount
+        with self.counting:  # Counter's __missing__ is Python code: the GIL can change hands
+            for key, amount in amounts.items():
+                self.counts[key] += amount
 
     def run(self, workers: list, reclaimer) -> None:
         threads = [threading.Thread(target=self._guarded, args=(target,))
