@@ -63,7 +63,10 @@ def test_four_processes_lock_unlock_and_purge_at_random():
     try:
         for _, channel, _ in workers:
             channel.sendall(b"go\n")
-        results = [json.loads(replies.readline()) for _, _, replies in workers]
+        lines = [replies.readline() for _, _, replies in workers]
+        for (process, _, _), line in zip(workers, lines):
+            assert line, f"a worker died without reporting (exit status {process.wait(10)})"
+        results = [json.loads(line) for line in lines]
         for process, _, _ in workers:
             assert process.wait(timeout=60) == 0
     finally:
