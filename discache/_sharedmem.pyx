@@ -1,7 +1,8 @@
 # Chromium's DiscardableSharedMemory on a memfd.  Page 0 is a header whose first word is the
 # shared state: bit 0 = locked, bits 1..63 = the time of the last unlock in microseconds (zero
 # while locked and after a purge).  It changes only by compare-and-swap, so any number of
-# processes mapping the memfd agree on it.  Purging punches a hole: the pages read back as zeros.
+# processes mapping the memfd agree on it.  Purging punches a hole: the pages read back as zeros;
+# the purge holds the lock bit until the hole is punched.
 # Included by _core.pyx; declared in _sharedmem.pxd.
 
 import enum as _enum
@@ -204,13 +205,19 @@ cdef class DiscardableSharedMemory:
         cdef uint64_t expected, found
         self._check_open()
         expected = self.last_usage << 1
-        found = dc_cas_u64(self.state, expected, 0)
+        # Hold the lock bit while punching: published as purged before the punch, the state
+        # would let a lock elsewhere get PURGED and write into pages the punch then zeroes.
+        found = dc_cas_u64(self.state, expected, STATE_LOCKED)
         if found != expected:
             # Locked: remember `now`, so a caller can tell "locked" from "stale".
             self.last_usage = usage if found & STATE_LOCKED else found >> 1
             return False
         self.last_usage = 0
-        self._punch()
+        try:
+            self._punch()
+        finally:
+            # Purged even if the punch failed part-way: the next lock must report it.
+            dc_cas_u64(self.state, STATE_LOCKED, 0)
         return True
 
     cdef int _punch(self) except -1:
@@ -223,6 +230,11 @@ cdef class DiscardableSharedMemory:
         if rc != 0:
             raise _oserror(errno, "fallocate(PUNCH_HOLE) on the memfd")
         return 0
+
+    def _state_word(self) -> int:
+        """The shared state word, read atomically (lock bit | unlock time << 1); for tests."""
+        self._check_open()
+        return dc_load_u64(self.state)
 
     def is_memory_resident(self) -> bool:
         """False once purged (until locked again)."""

@@ -95,6 +95,11 @@ class ManagedMemory(CopyingAccessors):
     def data(self) -> memoryview:
         """Writable view of the nbytes, only while locked; released by unlock() and close()."""
         self._check_locked()
+        if self._view is not None:
+            try:
+                self._view.nbytes
+            except ValueError:  # the caller released it
+                self._view = None
         if self._view is None:
             if self._buffer is None:
                 self._buffer = self._segment.span_buffer(self.offset, self.nbytes)
@@ -142,11 +147,14 @@ class ManagedMemory(CopyingAccessors):
 
     def _force_reclaim(self) -> int:
         """Make the kernel discard the pages now if unlocked; returns how many are gone."""
-        if self._closed:
-            raise ValueError("discardable memory is closed")
-        if self._locked:
-            return 0
-        return self._segment.reclaim_span(self._span.first, self._span.npages)
+        # Under the manager's lock: a lock() from another thread in the middle of the reclaim
+        # would have its pages freed again and paged out (the reclaim retries) while locked.
+        with self._manager._lock_:
+            if self._closed:
+                raise ValueError("discardable memory is closed")
+            if self._locked:
+                return 0
+            return self._segment.reclaim_span(self._span.first, self._span.npages)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("locked" if self._locked else "unlocked")

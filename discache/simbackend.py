@@ -251,6 +251,11 @@ class SimulatedMemory(CopyingAccessors):
     def data(self) -> memoryview:
         """Writable view of the nbytes, only while locked; released by unlock() and close()."""
         self._check_locked()
+        if self._view is not None:
+            try:
+                self._view.nbytes
+            except ValueError:  # the caller released it
+                self._view = None
         if self._view is None:
             self._view = memoryview(self._segment._locked[0])[:self.nbytes]
         return self._view

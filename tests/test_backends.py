@@ -177,6 +177,14 @@ def test_views_are_released_by_unlock(make):
         mem.data
 
 
+def test_data_after_the_caller_released_its_view(make):
+    mem = make()
+    with mem.data as view:
+        view[:3] = b"abc"
+    assert bytes(mem.data[:3]) == b"abc"
+    mem.unlock()
+
+
 def test_unlock_with_a_live_slice_raises_and_stays_locked(make):
     mem = make()
     part = mem.data[10:20]

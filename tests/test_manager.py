@@ -1,4 +1,5 @@
 """DiscardableMemoryManager and its segments: packing, limit, LRU purge, pressure, age, reclaim."""
+import os
 import threading
 
 import pytest
@@ -55,6 +56,15 @@ def test_contents_survive_unlock_and_lock_when_not_reclaimed(backend):
     b.unlock()
     assert a.lock() and b.lock()
     assert a.read() == bytes([0xA1]) * (2 * PAGE) and b.read() == bytes([0xB2]) * (3 * PAGE)
+
+
+def test_data_after_the_caller_released_its_view(backend):
+    # Regression: .data kept handing out the view a `with mem.data as view:` had released.
+    mem = make(backend).allocate(2 * PAGE)
+    with mem.data as view:
+        view[:3] = b"abc"
+    assert bytes(mem.data[:3]) == b"abc"
+    mem.unlock()
 
 
 def test_over_the_limit_the_least_recently_unlocked_is_purged_first(backend):
@@ -259,3 +269,31 @@ def test_threads_share_a_manager(backend):
         t.join()
     assert errors == []
     assert m.bytes_allocated == 0 and m.segment_count == 0
+
+
+def test_a_lock_from_another_thread_during_force_reclaim_keeps_its_pages():
+    # Regression (found by test_stress_reclaim.py): ManagedMemory._force_reclaim looked at the
+    # lock once; a lock() from another thread during the reclaim had its pages freed again and
+    # paged out by the reclaim's retry, while locked.  Here the lock lands just before the last
+    # page-out of the first round, where it lost the pages every time.
+    pageouts_before_lock = len(os.sched_getaffinity(0))
+    calls = []
+
+    class LockingMidReclaim(_core.Segment):
+        def _advise(self, advice, first, count):
+            if advice == _core.MADV_PAGEOUT_VALUE:
+                calls.append(advice)
+                if len(calls) == pageouts_before_lock:
+                    locker.start()
+                    locker.join(0.2)  # without the fix it locks and writes right here
+            return super()._advise(advice, first, count)
+
+    m = make("madvfree")
+    m._new_segment = lambda npages: LockingMidReclaim(npages, "madvfree")
+    mem = filled(m, 4, 0x11)
+    mem.unlock()
+    payload = b"\x22" * (4 * PAGE)
+    locker = threading.Thread(target=lambda: (mem.lock(), mem.write(payload)))
+    force_reclaim(mem)
+    locker.join()
+    assert mem.is_locked and mem.read() == payload, "pages written under a lock were lost"

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -271,3 +272,37 @@ def test_no_fd_or_mapping_leaks_after_10000_create_open_close():
         shm.close()
     fds, mappings = counts()
     assert fds == before[0] and mappings <= before[1] + 2
+
+
+def test_a_lock_during_a_purge_waits_for_the_hole_punch():
+    # Regression (found by test_stress_shared.py): purge() published "purged" before punching
+    # the hole, so a lock elsewhere could get PURGED, write, and have the punch zero its data.
+    nbytes = 32 << 20
+    purger = discache.DiscardableSharedMemory.create(nbytes)
+    other = discache.DiscardableSharedMemory.open(purger.fileno(), nbytes)
+    try:
+        with purger.data as view:
+            view[:] = b"\xaa" * nbytes  # populated: the punch takes milliseconds
+        purger.unlock()
+        unlocked = other._state_word()
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: (purger.purge(), done.set()))
+        thread.start()
+        while other._state_word() == unlocked:  # until the purge's compare-and-swap
+            pass
+        result = LockResult.FAILED
+        while result == LockResult.FAILED:  # the punch runs without the GIL
+            result = other.lock()
+        last = nbytes - PAGE
+        with other.data as view:
+            assert bytes(view[last:]) == bytes(PAGE), "PURGED before the pages were zeroed"
+            view[last:last + 5] = b"mine!"
+        thread.join()
+        assert done.is_set()
+        with other.data as view:
+            assert bytes(view[last:last + 5]) == b"mine!", "a purge zeroed locked pages"
+        assert result == LockResult.PURGED
+        other.unlock()
+    finally:
+        other.close()
+        purger.close()
