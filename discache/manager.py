@@ -95,6 +95,11 @@ class ManagedMemory(DiscardableMemory):
     def data(self) -> memoryview:
         """Writable view of the nbytes, only while locked; released by unlock() and close()."""
         self._check_locked()
+        if self._view is not None:
+            try:
+                self._view.nbytes
+            except ValueError:  # the caller released it, e.g. by `with mem.data as v:`
+                self._view = None
         if self._view is None:
             if self._buffer is None:
                 self._buffer = self._segment.span_buffer(self.offset, self.nbytes)

@@ -204,6 +204,15 @@ class _SpanBytes(bytearray):
         return 0
 
 
+def _released(view: memoryview) -> bool:
+    """True once the caller released the view."""
+    try:
+        view.nbytes
+    except ValueError:
+        return True
+    return False
+
+
 def _check_no_exports(data: bytearray) -> None:
     if isinstance(data, _SpanBytes) and data.exports:
         raise BufferError("a view of the memory is still alive; release it first")
@@ -251,6 +260,8 @@ class SimulatedMemory(DiscardableMemory):
     def data(self) -> memoryview:
         """Writable view of the nbytes, only while locked; released by unlock() and close()."""
         self._check_locked()
+        if self._view is not None and _released(self._view):  # e.g. by `with mem.data as v:`
+            self._view = None
         if self._view is None:
             self._view = memoryview(self._segment._locked[0])[:self.nbytes]
         return self._view
