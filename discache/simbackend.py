@@ -300,6 +300,9 @@ class SimulatedMemory(DiscardableMemory):
         if self._segment.closed:
             return
         self._release_view()
+        locked = self._segment._locked.get(0)
+        if locked is not None:  # a slice of mem.data still alive: refused, as unlock() does
+            _check_no_exports(locked)
         self._segment.close()
         self._locked = False
 
