@@ -13,8 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-pytest.importorskip("atheris", reason="atheris is in the [test] and [fuzz] extras")
-
 FUZZ_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fuzz")
 TARGETS = ("pagetable", "sim", "memory", "shared", "segment", "manager", "cache", "heap")
 # Seconds per target (DISCACHE_FUZZ_SCALE multiplies them): the two model comparisons run longest.
