@@ -16,12 +16,11 @@ def allocate(fdp, backend):
     if fdp.ConsumeIntInRange(0, 9) == 0:  # bad sizes only: a valid huge one would be slow
         size = fdp.PickValueInList([0, -1, -(1 << 64), 1 << 50, 1 << 64, True, 2.0, "8", None])
     try:
-        mem = discache.allocate(size, backend, sigbus=backend == "madvfree-sigbus") \
-            if backend != "madvfree-sigbus" else discache.allocate(size, sigbus=True)
+        mem = discache.allocate(size, backend)
     except (ValueError, TypeError, OverflowError):
         assert not (is_int(size) and 1 <= size <= 1 << 30), size
         return None
-    assert (is_int(size) or size is True) and size >= 1, size
+    assert (is_int(size) or size is True) and size >= 1, size  # True is index 1, as in range()
     return mem
 
 

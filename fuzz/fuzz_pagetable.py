@@ -1,8 +1,6 @@
 """Fuzz the compiled PageTable (both strategies, small token counters) against discache.model."""
 from __future__ import annotations
 
-import sys
-
 from _harness import atheris, checked, is_int, main, pick_int, REJECTED
 
 with atheris.instrument_imports():

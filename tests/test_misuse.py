@@ -8,7 +8,7 @@ import pytest
 
 import discache
 from discache import (BackendUnavailableError, DiscardableCache, DiscardableMemoryManager,
-                      DiscardableSharedMemory, LockResult, PageTable, PurgedError, _core, backends)
+                      DiscardableSharedMemory, LockResult, PageTable, _core, backends)
 from discache.pressure import PressureMonitor
 from kernel_reclaim import reclaim
 
