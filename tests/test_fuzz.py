@@ -40,8 +40,9 @@ def fuzz_results(tmp_path_factory, request):
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(run_target, name, dirs[name]) for name in TARGETS}
         results = {name: f.result() for name, f in futures.items()}
-    request.config.cache.set("discache/fuzz_executions",
-                             {name: r["executions"] for name, r in results.items()})
+    if getattr(request.config, "cache", None) is not None:  # absent with -p no:cacheprovider
+        request.config.cache.set("discache/fuzz_executions",
+                                 {name: r["executions"] for name, r in results.items()})
     summary = ", ".join(f"{name} {r['executions']} in {r['seconds']} s"
                         for name, r in results.items())
     print(f"\nfuzz executions: {summary}")

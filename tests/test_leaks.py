@@ -37,7 +37,8 @@ def leak_results(request):
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {r: pool.submit(run, *r) for r in runnable}
         results = {f"{kind}/{backend}": f.result() for (kind, backend), f in futures.items()}
-    request.config.cache.set("discache/leak_results", results)
+    if getattr(request.config, "cache", None) is not None:  # absent with -p no:cacheprovider
+        request.config.cache.set("discache/leak_results", results)
     for name, r in results.items():
         delta = {k: r["after"][k] - r["before"][k] for k in r["before"]}
         print(f"\n{name}: {CYCLES} cycles in {r['seconds']} s, deltas {delta}", end="")
