@@ -193,7 +193,7 @@ cdef class PageTable:
             raise IndexError(f"first page {first} is outside the table (pages 0..{self.npages - 1})")
         if count > self.npages - first:
             raise IndexError(
-                f"pages [{first}, {first + count}) run past the end of the table "
+                f"pages [{first}, {first} + {count}) run past the end of the table "
                 f"({self.npages} pages)")
         return 0
 
@@ -471,7 +471,9 @@ cdef class PageTable:
     def states(self, first=0, count=None) -> bytes:
         """State codes (indexes into STATE_NAMES) of a span of pages, one byte each."""
         cdef Py_ssize_t a = _as_index(first)
-        cdef Py_ssize_t n = self.npages - a if count is None else _as_index(count)
+        # a first page below zero leaves count=None at one page: npages - a could overflow
+        cdef Py_ssize_t n = (self.npages - a if a >= 0 else 1) if count is None \
+            else _as_index(count)
         cdef Py_ssize_t q
         self._check_span(a, n)
         out = bytearray(n)

@@ -82,7 +82,7 @@ cdef class Segment:
         if count <= 0:
             raise ValueError(f"a span needs at least one page, got {count}")
         if first < 0 or first > self.npages - count:
-            raise IndexError(f"pages [{first}, {first + count}) are outside the segment's "
+            raise IndexError(f"pages [{first}, {first} + {count}) are outside the segment's "
                              f"{self.npages} pages")
         return 0
 
@@ -200,15 +200,15 @@ cdef class Segment:
         """Copy size bytes out from offset (the caller has the span locked)."""
         self._check_open()
         if offset < 0 or size < 0 or offset > self.nbytes - size:
-            raise IndexError(f"bytes [{offset}, {offset + size}) are outside the segment")
+            raise IndexError(f"bytes [{offset}, {offset} + {size}) are outside the segment")
         return PyBytes_FromStringAndSize(self.base + offset, size)
 
-    def write(self, Py_ssize_t offset, const unsigned char[:] data) -> int:
+    def write(self, Py_ssize_t offset, const unsigned char[::1] data) -> int:
         """Copy data in at offset (the caller has the span locked); returns its length."""
         cdef Py_ssize_t size = data.shape[0]
         self._check_open()
         if offset < 0 or offset > self.nbytes - size:
-            raise IndexError(f"bytes [{offset}, {offset + size}) are outside the segment")
+            raise IndexError(f"bytes [{offset}, {offset} + {size}) are outside the segment")
         if size:
             memcpy(self.base + offset, &data[0], size)
         return size
@@ -256,7 +256,7 @@ cdef class SpanBuffer:
     def __cinit__(self, Segment segment, Py_ssize_t offset, Py_ssize_t size):
         segment._check_open()
         if offset < 0 or size < 0 or offset > segment.nbytes - size:
-            raise IndexError(f"bytes [{offset}, {offset + size}) are outside the segment")
+            raise IndexError(f"bytes [{offset}, {offset} + {size}) are outside the segment")
         self.segment = segment
         self.offset = offset
         self.size = size

@@ -98,7 +98,7 @@ class ManagedMemory(CopyingAccessors):
         if self._view is not None:
             try:
                 self._view.nbytes
-            except ValueError:  # the caller released it
+            except ValueError:  # the caller released it, e.g. by `with mem.data as v:`
                 self._view = None
         if self._view is None:
             if self._buffer is None:

@@ -204,6 +204,15 @@ class _SpanBytes(bytearray):
         return 0
 
 
+def _released(view: memoryview) -> bool:
+    """True once the caller released the view."""
+    try:
+        view.nbytes
+    except ValueError:
+        return True
+    return False
+
+
 def _check_no_exports(data: bytearray) -> None:
     if isinstance(data, _SpanBytes) and data.exports:
         raise BufferError("a view of the memory is still alive; release it first")
@@ -251,11 +260,8 @@ class SimulatedMemory(CopyingAccessors):
     def data(self) -> memoryview:
         """Writable view of the nbytes, only while locked; released by unlock() and close()."""
         self._check_locked()
-        if self._view is not None:
-            try:
-                self._view.nbytes
-            except ValueError:  # the caller released it
-                self._view = None
+        if self._view is not None and _released(self._view):  # e.g. by `with mem.data as v:`
+            self._view = None
         if self._view is None:
             self._view = memoryview(self._segment._locked[0])[:self.nbytes]
         return self._view
@@ -294,6 +300,9 @@ class SimulatedMemory(CopyingAccessors):
         if self._segment.closed:
             return
         self._release_view()
+        locked = self._segment._locked.get(0)
+        if locked is not None:  # a slice of mem.data still alive: refused, as unlock() does
+            _check_no_exports(locked)
         self._segment.close()
         self._locked = False
 

@@ -381,3 +381,12 @@ def test_info_lists_every_backend_truthfully():
         else:
             with pytest.raises(discache.BackendUnavailableError):
                 discache.allocate(PAGE, name)
+
+
+def test_data_again_after_with_mem_data(make):
+    # found by fuzz/fuzz_memory.py on the simulated backend: a released mem.data stayed cached
+    mem = make(PAGE)
+    with mem.data as view:
+        view[:3] = b"xyz"
+    assert mem.data[:3] == b"xyz"
+    assert mem.read(0, 3) == b"xyz"

@@ -297,3 +297,27 @@ def test_a_lock_from_another_thread_during_force_reclaim_keeps_its_pages():
     force_reclaim(mem)
     locker.join()
     assert mem.is_locked and mem.read() == payload, "pages written under a lock were lost"
+
+
+def test_segment_write_refuses_a_strided_buffer():
+    # found by fuzz/fuzz_segment.py: a strided source was copied as if contiguous
+    seg = _core.Segment(1)
+    with pytest.raises(BufferError):
+        seg.write(0, memoryview(b"abcdef")[::2])
+    assert seg.read(0, 3) == bytes(3)
+    assert seg.write(0, memoryview(b"abcdef")[1:4]) == 3
+    assert seg.read(0, 3) == b"bcd"
+    seg.close()
+
+
+def test_data_after_the_caller_released_it(backend):
+    # found by fuzz/fuzz_memory.py: `with mem.data as view:` released the cached view and
+    # mem.data then kept returning that dead view (simulated and manager memory)
+    manager = make(backend)
+    mem = manager.allocate(PAGE)
+    with mem.data as view:
+        view[:3] = b"abc"
+    assert mem.data[:3] == b"abc"
+    mem.unlock()
+    assert mem.lock() in (True, False)
+    mem.close()

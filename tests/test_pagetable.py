@@ -324,3 +324,15 @@ def test_concurrent_threads_on_disjoint_spans_match_sequential_use(strategy):
     assert pt.volatile_ranges() == []
     lost = {index * per + 1 for index in range(threads)}  # purged, then unmarked: faults in fresh
     assert pt.states() == bytes(0 if page in lost else 1 for page in range(npages))
+
+
+@pytest.mark.parametrize("strategy", ["token", "walk"])
+def test_states_of_a_huge_negative_first_page_is_an_index_error(strategy):
+    # found by fuzz/fuzz_pagetable.py: npages - first overflowed and raised a ValueError about a
+    # nonsense negative count instead of the documented IndexError
+    table = PageTable(4, strategy)
+    for first in (-(1 << 64), -(1 << 63), -5):
+        with pytest.raises(IndexError):
+            table.states(first)
+    with pytest.raises(IndexError, match=r"\[2, 2 \+ 9223372036854775807\)"):
+        table.populate(2, (1 << 63) - 1)  # the message no longer shows an overflowed sum

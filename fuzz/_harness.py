@@ -1,0 +1,55 @@
+"""What every fuzz target shares: the import path, a checked call, and atheris' main loop."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+# Run from a checkout (python fuzz/fuzz_x.py) without installing: the in-place build is found.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import atheris  # noqa: E402
+
+REJECTED = object()
+# Arguments that are not what an API takes: each must raise TypeError, or for a huge int
+# OverflowError or ValueError/IndexError, never crash.
+BAD_INTS = (-(1 << 64), -(1 << 31), -1, 1 << 31, 1 << 62, 1 << 64, 1 << 100)
+NOT_INTS = (1.5, "3", None, b"\x01", [1], 2j)
+
+
+def checked(call: Callable[[], Any], allowed: tuple[type[BaseException], ...],
+            snapshot: Callable[[], Any]) -> Any:
+    """call()'s result; REJECTED if it raised one of `allowed`, after checking that the state
+    `snapshot()` sees did not change. Any other exception propagates: atheris reports a crash."""
+    before = snapshot()
+    try:
+        return call()
+    except allowed:
+        after = snapshot()
+        if after != before:
+            raise AssertionError(f"a rejected call changed the state:\n  before {before!r}\n"
+                                 f"  after  {after!r}") from None
+        return REJECTED
+
+
+def pick_int(fdp: "atheris.FuzzedDataProvider", low: int, high: int) -> Any:
+    """Mostly an int in [low, high]; sometimes a huge int, a negative one or a non-int."""
+    choice = fdp.ConsumeIntInRange(0, 15)
+    if choice == 14:
+        return BAD_INTS[fdp.ConsumeIntInRange(0, len(BAD_INTS) - 1)]
+    if choice == 15:
+        return NOT_INTS[fdp.ConsumeIntInRange(0, len(NOT_INTS) - 1)]
+    return fdp.ConsumeIntInRange(low, high)
+
+
+def is_int(value: Any) -> bool:
+    """True for an int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def main(test_one_input: Callable[[bytes], None]) -> None:
+    """atheris' entry point: python fuzz/fuzz_x.py -atheris_runs=N (or -max_total_time=S)."""
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()
