@@ -6,7 +6,7 @@ import array
 from _harness import atheris, checked, main, REJECTED
 
 with atheris.instrument_imports():
-    from discache import DiscardableCache, DiscardableMemoryManager, force_reclaim
+    from discache import DiscardableCache, DiscardableMemoryManager, PinnedError, force_reclaim
 
 BACKENDS = ["madvfree", "memfd", "simulated"]
 
@@ -34,10 +34,11 @@ def test_one_input(data: bytes) -> None:
                 raw = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 9000))
                 value = [raw, bytearray(raw), memoryview(raw), array.array("B", raw),
                          raw.decode("latin-1"), len(raw), None, [1, 2]][kind]
-                got = checked(lambda: cache.__setitem__(key, value), (TypeError, ValueError),
-                              picture)
+                got = checked(lambda: cache.__setitem__(key, value),
+                              (TypeError, ValueError, PinnedError), picture)
                 if got is REJECTED:
-                    assert kind >= 4 or len(raw) > cache.maxsize, (kind, len(raw))
+                    assert kind >= 4 or len(raw) > cache.maxsize or pins.get(key), \
+                        (kind, len(raw))
                 else:
                     assert kind < 4, kind
                     model[key] = bytes(raw)
@@ -66,9 +67,12 @@ def test_one_input(data: bytes) -> None:
                 if fdp.ConsumeBool():
                     force_reclaim(cache)
             elif op == 5 and key in cache:
-                got = checked(lambda: cache.__delitem__(key), (KeyError,), picture)
-                model.pop(key, None)
-                pins.pop(key, None)
+                got = checked(lambda: cache.__delitem__(key), (KeyError, PinnedError), picture)
+                if got is REJECTED:
+                    assert pins.get(key) or key not in cache
+                else:
+                    model.pop(key, None)
+                    pins.pop(key, None)
             elif op == 6:
                 try:
                     with cache.view(key) as view:
