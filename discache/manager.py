@@ -61,7 +61,6 @@ class ManagedMemory(CopyingAccessors):
         self._locked = True
         self._closed = False
         self._purged = False  # discarded by the manager's policy while unlocked
-        self._view: Optional[memoryview] = None
         self._buffer: Any = None  # SpanBuffer of a mapped segment: counts live views
         self.last_unlocked = 0.0
 
@@ -91,30 +90,14 @@ class ManagedMemory(CopyingAccessors):
         if not self._locked:
             raise RuntimeError("discardable memory is unlocked: lock() it first")
 
-    @property
-    def data(self) -> memoryview:
-        """Writable view of the nbytes, only while locked; released by unlock() and close()."""
-        self._check_locked()
-        if self._view is not None:
-            try:
-                self._view.nbytes
-            except ValueError:  # the caller released it, e.g. by `with mem.data as v:`
-                self._view = None
-        if self._view is None:
-            if self._buffer is None:
-                self._buffer = self._segment.span_buffer(self.offset, self.nbytes)
-            with memoryview(self._buffer) as whole:
-                self._view = whole[:self.nbytes]
-        return self._view
+    def _new_view(self) -> memoryview:
+        if self._buffer is None:
+            self._buffer = self._segment.span_buffer(self.offset, self.nbytes)
+        with memoryview(self._buffer) as whole:
+            return whole[:self.nbytes]
 
-    def _release_view(self) -> None:
-        if self._view is not None:
-            try:
-                self._view.release()
-            except BufferError:
-                raise BufferError("an object still holds a buffer of mem.data; release it first") \
-                    from None
-            self._view = None
+    def _release_views(self) -> None:
+        super()._release_views()
         if self._buffer is not None:
             if self._buffer.exports:
                 raise BufferError(f"{self._buffer.exports} view(s) of mem.data (slices, "
@@ -135,14 +118,14 @@ class ManagedMemory(CopyingAccessors):
             raise ValueError("discardable memory is closed")
         if not self._locked:
             raise RuntimeError("discardable memory is not locked")
-        self._release_view()
+        self._release_views()
         self._manager._unlock(self)
 
     def close(self) -> None:
         """Give the span back to the manager; calling it again does nothing."""
         if self._closed:
             return
-        self._release_view()
+        self._release_views()
         self._manager._free(self)
 
     def _force_reclaim(self) -> int:
@@ -280,7 +263,7 @@ class DiscardableMemoryManager:
                 by_segment.setdefault(mem._span.segment, []).append(mem)
             for group in by_segment.values():
                 for mem in group:
-                    mem._release_view()
+                    mem._release_views()
             calls = 0
             now = self.clock()
             for segment_id, group in by_segment.items():

@@ -76,12 +76,47 @@ class DiscardableMemory(abc.ABC):
 DiscardableMemory.register(_core.MappedMemory)  # MadvFreeMemory, AshmemMemory
 
 
+def _released(view: memoryview) -> bool:
+    """True once the caller released the view."""
+    try:
+        view.nbytes
+    except ValueError:
+        return True
+    return False
+
+
 class CopyingAccessors(DiscardableMemory):
-    """read/readinto/write on top of `data`, for the memories written in Python."""
+    """`data` and read/readinto/write on top of it, for the memories written in Python."""
+
+    _view: "memoryview | None" = None  # handed out by .data during this lock
 
     @abc.abstractmethod
     def _check_locked(self) -> None:
         """Raise unless open and locked."""
+
+    @abc.abstractmethod
+    def _new_view(self) -> memoryview:
+        """A fresh writable view of the nbytes, for this lock."""
+
+    @property
+    def data(self) -> memoryview:
+        """Writable view of the nbytes, only while locked; released by unlock() and close()."""
+        self._check_locked()
+        if self._view is not None and _released(self._view):  # e.g. `with mem.data as v:`
+            self._view = None
+        if self._view is None:
+            self._view = self._new_view()
+        return self._view
+
+    def _release_views(self) -> None:
+        """Release the view handed out; BufferError (nothing changed) while it is exported."""
+        if self._view is not None:
+            try:
+                self._view.release()
+            except BufferError:
+                raise BufferError("an object still holds a buffer of mem.data (a numpy array, "
+                                  "a memoryview of it...); release it first") from None
+            self._view = None
 
     def _range(self, offset: int, size: int) -> tuple[int, int]:
         if size < 0 and 0 <= offset <= self.nbytes:
@@ -120,7 +155,6 @@ class MemfdMemory(CopyingAccessors):
 
     def __init__(self, nbytes: int) -> None:
         self._shm = _core.DiscardableSharedMemory.create(nbytes)
-        self._view: memoryview | None = None
         self._locked = True
         self.nbytes = self._shm.nbytes
         self.npages = self._shm.npages
@@ -148,13 +182,7 @@ class MemfdMemory(CopyingAccessors):
             raise RuntimeError("discardable memory is unlocked: lock() it first")
 
     def _release_views(self) -> None:
-        if self._view is not None:
-            try:
-                self._view.release()
-            except BufferError:
-                raise BufferError("an object still holds a buffer of mem.data (a numpy array, "
-                                  "a memoryview of it...); release it first") from None
-            self._view = None
+        super()._release_views()
         if self._shm.exports:
             raise BufferError(f"{self._shm.exports} buffer(s) of the memory are still alive "
                               "(slices of mem.data); release them first")
@@ -190,19 +218,8 @@ class MemfdMemory(CopyingAccessors):
         self._shm.close()
         self._locked = False
 
-    @property
-    def data(self) -> memoryview:
-        """Writable view of the nbytes, only while locked; released by unlock()/close()."""
-        self._check_locked()
-        view = self._view
-        if view is not None:
-            try:
-                view.nbytes
-                return view
-            except ValueError:  # the caller released it
-                pass
-        self._view = view = self._shm.data
-        return view
+    def _new_view(self) -> memoryview:
+        return self._shm.data
 
     def _purge(self) -> int:
         """Free the pages now if unlocked; returns how many were freed."""

@@ -204,15 +204,6 @@ class _SpanBytes(bytearray):
         return 0
 
 
-def _released(view: memoryview) -> bool:
-    """True once the caller released the view."""
-    try:
-        view.nbytes
-    except ValueError:
-        return True
-    return False
-
-
 def _check_no_exports(data: bytearray) -> None:
     if isinstance(data, _SpanBytes) and data.exports:
         raise BufferError("a view of the memory is still alive; release it first")
@@ -236,7 +227,6 @@ class SimulatedMemory(CopyingAccessors):
             raise ValueError(f"{nbytes} bytes exceed the {SIM_RAM_PAGES} pages of simulated RAM")
         self._segment = SimSegment(self.npages)
         self._segment.claim_span(0, self.npages)
-        self._view: Optional[memoryview] = None
         self._locked = True
         self.purged_pages = 0
 
@@ -256,24 +246,8 @@ class SimulatedMemory(CopyingAccessors):
         if not self._locked:
             raise RuntimeError("discardable memory is unlocked: lock() it first")
 
-    @property
-    def data(self) -> memoryview:
-        """Writable view of the nbytes, only while locked; released by unlock() and close()."""
-        self._check_locked()
-        if self._view is not None and _released(self._view):  # e.g. by `with mem.data as v:`
-            self._view = None
-        if self._view is None:
-            self._view = memoryview(self._segment._locked[0])[:self.nbytes]
-        return self._view
-
-    def _release_view(self) -> None:
-        if self._view is not None:
-            try:
-                self._view.release()
-            except BufferError:
-                raise BufferError("an object still holds a buffer of mem.data; release it first") \
-                    from None
-            self._view = None
+    def _new_view(self) -> memoryview:
+        return memoryview(self._segment._locked[0])[:self.nbytes]
 
     def lock(self) -> bool:
         """Lock; True if intact, False if anything was purged (contents undefined: refill)."""
@@ -291,7 +265,7 @@ class SimulatedMemory(CopyingAccessors):
             raise ValueError("discardable memory is closed")
         if not self._locked:
             raise RuntimeError("discardable memory is not locked")
-        self._release_view()
+        self._release_views()
         self._segment.unlock_span(0, self.npages)
         self._locked = False
 
@@ -299,7 +273,7 @@ class SimulatedMemory(CopyingAccessors):
         """Free the memory; calling it again does nothing."""
         if self._segment.closed:
             return
-        self._release_view()
+        self._release_views()
         locked = self._segment._locked.get(0)
         if locked is not None:  # a slice of mem.data still alive: refused, as unlock() does
             _check_no_exports(locked)
