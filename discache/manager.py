@@ -235,6 +235,9 @@ class DiscardableMemoryManager:
             mem.purged_pages = lost
             self.bytes_locked += size
             self.counters["locks_purged" if lost else "locks_success"] += 1
+            if lost:
+                # Memory the manager had purged is resident again: keep the limit.
+                self._purge_to(self.limit)
         if self.latency is not None:
             self.latency["lock"].observe(time.perf_counter() - started)
         return lost == 0

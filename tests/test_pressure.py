@@ -1,5 +1,6 @@
 """The pressure monitor: real PSI triggers, discovery, the meminfo fallback, clean start/stop."""
 import base64
+import gc
 import mmap
 import os
 import tempfile
@@ -54,6 +55,7 @@ def psi_some_total():
 
 
 def open_fds():
+    gc.collect()  # fds of earlier tests' garbage must not close in the middle of a comparison
     return set(os.listdir("/proc/self/fd"))
 
 
