@@ -11,3 +11,4 @@ cdef class MadvFreeMemory(MappedMemory):
 
     cdef int _register(self) except -1
     cdef void _after_fork(self) noexcept
+    cdef void _free_records(self) noexcept

@@ -84,6 +84,10 @@ cdef class MadvFreeMemory(MappedMemory):
             self.uffd_lost = True
 
     def __dealloc__(self):
+        self._free_records()
+
+    cdef void _free_records(self) noexcept:
+        """Close the userfaultfd and free the per-page records (close and dealloc share it)."""
         if self.uffd >= 0:
             close(self.uffd)
             self.uffd = -1
@@ -165,13 +169,7 @@ cdef class MadvFreeMemory(MappedMemory):
         if self.closed_:
             return
         self._unmap()
-        if self.uffd >= 0:
-            close(self.uffd)
-            self.uffd = -1
-        free(self.saved)
-        self.saved = NULL
-        free(self.residency)
-        self.residency = NULL
+        self._free_records()
 
     def _purge(self) -> int:
         """Discard the pages now if unlocked (MADV_DONTNEED); returns how many were discarded."""
