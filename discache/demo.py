@@ -13,19 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, TextIO
 
 from . import force_reclaim
+from .argtypes import positive_int
 from .errors import BackendUnavailableError
-from .manager import PAGE, DiscardableMemoryManager, default_limit, physical_ram
+from .manager import (MAX_RAM_FRACTION, PAGE, DiscardableMemoryManager, default_limit,
+                      physical_ram)
 
 MODES = ("RGB", "RGBA", "L", "P")
 IDLE_UNLOCK = 0.05  # seconds an image must go unused before a sweep unlocks it
-MAX_RAM_FRACTION = 4  # the demo's bitmaps never take more than a quarter of physical RAM
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _fraction(text: str) -> float:
@@ -47,8 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help=run.__doc__, description=__doc__)
     p.add_argument("--backend", default="auto", choices=("auto", "madvfree", "memfd"),
                    help="where the bitmaps live (default: auto, madvfree on Linux)")
-    p.add_argument("--images", type=_positive, default=300, help="images to generate (300)")
-    p.add_argument("--size", type=_positive, default=256,
+    p.add_argument("--images", type=positive_int, default=300, help="images to generate (300)")
+    p.add_argument("--size", type=positive_int, default=256,
                    help="width and height of each image in pixels (256)")
     p.add_argument("--reclaim", type=_fraction, default=1 / 3, metavar="FRACTION",
                    help="share of the images the kernel is made to reclaim (1/3)")

@@ -7,16 +7,10 @@ import sys
 import time
 from typing import Sequence
 
+from ..argtypes import positive_int
 from .kernel import MADV_NONVOLATILE, MADV_VOLATILE, SimulatedKernel
 from .replay import DESIGNS, Replayer, TraceError, read_trace
 from .workload import image_cache
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _natural(text: str) -> int:
@@ -34,17 +28,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--designs", default=",".join(DESIGNS),
                    help="comma-separated designs to compare (default: all of "
                         f"{', '.join(DESIGNS)})")
-    p.add_argument("--ram-pages", type=_positive, default=1 << 16,
+    p.add_argument("--ram-pages", type=positive_int, default=1 << 16,
                    help="simulated RAM (default 65536)")
     p.add_argument("--swap-pages", type=_natural, default=0,
                    help="simulated swap (default 0: swapless)")
-    p.add_argument("--page-size", type=_positive, default=4096,
+    p.add_argument("--page-size", type=positive_int, default=4096,
                    help="page size in bytes (default 4096)")
     p.add_argument("--steps", type=_natural, default=6000,
                    help="built-in workload: steps (default 6000)")
-    p.add_argument("--images", type=_positive, default=384,
+    p.add_argument("--images", type=positive_int, default=384,
                    help="built-in workload: images (default 384)")
-    p.add_argument("--image-pages", type=_positive, default=256,
+    p.add_argument("--image-pages", type=positive_int, default=256,
                    help="built-in workload: pages per image (default 256)")
     p.add_argument("--seed", type=int, default=1, help="built-in workload: random seed (default 1)")
     p.add_argument("--workload-only", action="store_true",
