@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections import Counter, OrderedDict
 from typing import Any, Callable, Optional
 
@@ -83,6 +84,15 @@ class ManagedMemory(CopyingAccessors):
     def offset(self) -> int:
         """Byte offset of the memory in its segment."""
         return self._span.first * PAGE
+
+    @property
+    def address(self) -> Optional[int]:
+        """Address of the first byte (valid while open; read or write it only while locked), or
+        None for a backend without a mapping of its own (simulated)."""
+        if self._closed:
+            raise ValueError("discardable memory is closed")
+        base = getattr(self._segment, "address", None)
+        return None if base is None else base + self.offset
 
     def _check_locked(self) -> None:
         if self._closed:
@@ -183,6 +193,7 @@ class DiscardableMemoryManager:
         self._background: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._monitor: Any = None
+        self._caches: "weakref.WeakSet[Any]" = weakref.WeakSet()  # told of memory pressure
         # lock/unlock durations for discache.metrics; None: not recorded (saves two clock reads)
         self.latency: Optional[dict[str, Any]] = None
         if record_latency:
@@ -344,10 +355,19 @@ class DiscardableMemoryManager:
                 freed += self._purge_one(mem, "age")
             return freed
 
+    def register_cache(self, cache: Any) -> None:
+        """Tell cache (weakly held) of memory pressure: its on_memory_pressure(level) runs before
+        the manager purges, so that the entries it unlocks can be purged."""
+        self._caches.add(cache)
+
     def on_memory_pressure(self, level: str) -> int:
-        """Moderate: purge down to half the limit; critical: purge every unlocked byte."""
+        """Moderate: caches unlock their idle entries, then purge down to half the limit;
+        critical: caches unlock every unpinned entry, then purge every unlocked byte."""
         if level not in PRESSURE_LEVELS:
             raise ValueError(f"level must be one of {PRESSURE_LEVELS}, got {level!r}")
+        # Outside the manager's lock: a cache takes its own lock first, then the manager's.
+        for cache in list(self._caches):
+            cache.on_memory_pressure(level)
         with self._lock_:
             self.counters[f"pressure_{level}"] += 1
             return self._purge_to(self.limit // 2 if level == "moderate" else -1, "pressure")
