@@ -5,20 +5,21 @@ import os
 import threading
 import warnings
 import weakref
-from collections import Counter
-from contextlib import contextmanager
-from typing import Any, Callable, Hashable, Iterator, Optional, Union
+from typing import Any, Callable, Hashable, Optional, Union
 
 from PIL import Image
 
-from discache.cache import PURGED_KEYS_KEPT, DiscardableCache
+from discache import force_reclaim
+from discache.cache import DiscardableCache
 from discache.errors import PinnedError
 from discache.manager import DiscardableMemoryManager
 
-from .codec import BitmapFormatError, decode, encode, map_image
+from .codec import BitmapFormatError, Parsed, encode, parse
 
 Source = Union[str, bytes, "os.PathLike[str]", Callable[[], Image.Image]]
 STRIPES = 64  # locks that order a get's copy and a put of the same key
+COUNTS = ("hits", "misses", "views", "puts", "regenerations", "corrupt_entries")
+PURGED_KEYS_KEPT = 4096  # keys remembered as purged, to count their regeneration
 
 
 class ImageCache:
@@ -26,7 +27,9 @@ class ImageCache:
 
     Each image is stored as a small header (mode, size, palette) followed by its raw pixels in a
     DiscardableCache entry.  `get` returns an image that owns a copy of the pixels; `view_image`
-    maps them zero-copy (modes in ZERO_COPY_MODES) for the duration of a with block only.
+    maps them zero-copy (modes in ZERO_COPY_MODES) for the duration of a with block only.  The
+    header is parsed and checked once per stored bitmap and kept beside the entry; a read only
+    compares the stored prefix with it.  Only DiscardableCache's public API is used.
     """
 
     def __init__(
@@ -37,17 +40,20 @@ class ImageCache:
         verify: bool = False,
         *,
         idle_unlock: float = 1.0,
-        shards: int = 16,
     ) -> None:
+        if not isinstance(maxsize, int) or maxsize <= 0:
+            raise ValueError(f"maxsize must be a positive number of bytes, got {maxsize!r}")
         self._lock = threading.Lock()
         # Keys whose bitmap was lost, until stored again (oldest first; only to count
-        # regenerations, so bounded like the cache's own record).
+        # regenerations, so bounded).
         self._purged: dict[Hashable, None] = {}
-        self._purged_kept = PURGED_KEYS_KEPT * shards
-        self._counts: Counter = Counter()
+        self._purged_kept = PURGED_KEYS_KEPT
+        # The parsed header of each stored bitmap (a hint checked against the stored prefix).
+        self._parsed: dict[Hashable, Parsed] = {}
+        self._counts = dict.fromkeys(COUNTS, 0)
         self._stripes = [threading.Lock() for _ in range(STRIPES)]
         self.cache = DiscardableCache(maxsize, backend, verify=verify, on_evict=self._on_evict,
-                                      manager=manager, shards=shards, idle_unlock=idle_unlock)
+                                      manager=manager, idle_unlock=idle_unlock)
 
     # ------------------------------------------------------------------ sizes
 
@@ -89,9 +95,11 @@ class ImageCache:
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected a PIL Image, got {type(image).__name__}")
         data = encode(image)
+        parsed = parse(memoryview(data))
         # A get pins the entry while it copies: wait for it rather than fail on its pin.
         with self._stripe(key):
             self.cache[key] = data
+            self._parsed[key] = parsed
         with self._lock:
             was_purged = self._purged.pop(key, _MISSING) is not _MISSING
             self._counts["puts"] += 1
@@ -101,17 +109,31 @@ class ImageCache:
         """An image owning a copy of the bitmap, or default when missing or purged."""
         with self._stripe(key):
             try:
-                with self.cache.view(key) as data:
-                    image = decode(data)
+                viewing = self.cache.view(key)
+                data = viewing.__enter__()
             except KeyError:
                 self._count("misses")
                 return default
+            try:
+                image = self._parsed_of(key, data).copy(data)
             except BitmapFormatError:
-                self._drop_corrupt(key)
-                self._count("misses")
-                return default
+                image = _MISSING
+            finally:
+                viewing.__exit__(None, None, None)
+        if image is _MISSING:
+            self._drop_corrupt(key)
+            self._count("misses")
+            return default
         self._count("hits")
         return image
+
+    def _parsed_of(self, key: Hashable, data: memoryview) -> Parsed:
+        """The key's parsed header if the stored bytes still match it, else parsed again (a
+        bitmap stored behind this cache's back); BitmapFormatError if they are no bitmap."""
+        parsed = self._parsed.get(key)
+        if parsed is None or not parsed.matches(data):
+            parsed = self._parsed[key] = parse(data)
+        return parsed
 
     def get_or_create(self, key: Hashable, source: Source) -> Image.Image:
         """The cached image, or the source's (an image file's path, or a callable returning an
@@ -129,29 +151,10 @@ class ImageCache:
             pass  # another thread stored the key meanwhile and views it: keep its bitmap
         return image
 
-    @contextmanager
-    def view_image(self, key: Hashable) -> Iterator[Image.Image]:
+    def view_image(self, key: Hashable) -> "_ImageView":
         """A read-only image mapping the bitmap zero-copy (a copy for other modes), usable only
         inside the with block, which keeps the entry pinned; KeyError if missing or purged."""
-        with self.cache.view(key) as data:
-            try:
-                image, pixels = map_image(data)
-            except BitmapFormatError:
-                corrupt = True
-            else:
-                corrupt = False
-                self._count("views")
-                try:
-                    yield image
-                finally:
-                    image.close()
-                    del image
-                    if pixels is not None:
-                        self._detach(key, pixels)
-                        del pixels
-        if corrupt:
-            self._drop_corrupt(key)
-            raise KeyError(key)
+        return _ImageView(self, key)
 
     def _detach(self, key: Hashable, pixels: memoryview) -> None:
         """Release the view a closed image mapped; if something still holds it (the image's
@@ -166,7 +169,7 @@ class ImageCache:
         weakref.finalize(pixels, self._unpin_quietly, key)
         warnings.warn(f"a view of image {key!r} outlived its with block; the entry stays pinned "
                       "until the object holding its pixels is collected", ResourceWarning,
-                      stacklevel=5)
+                      stacklevel=3)
 
     def _unpin_quietly(self, key: Hashable) -> None:
         try:
@@ -199,20 +202,20 @@ class ImageCache:
     def close(self) -> None:
         """Free every bitmap's memory."""
         self.cache.close()
+        self._parsed.clear()
 
     def _force_reclaim(self) -> int:
         """discache.force_reclaim(image_cache): the kernel discards every unpinned bitmap now."""
-        return self.cache._force_reclaim()
+        return force_reclaim(self.cache)
 
     def stats(self) -> dict[str, int]:
         """Hits, misses, views, purges, regenerations, evictions and sizes."""
         base = self.cache.stats()
         with self._lock:
             counts = dict(self._counts)
-        ours = ("hits", "misses", "views", "puts", "regenerations", "corrupt_entries")
         return {
-            **{name: counts.get(name, 0) for name in ours},
-            **{name: n for name, n in base.items() if name not in ours},
+            **counts,
+            **{name: n for name, n in base.items() if name not in COUNTS},
         }
 
     def metrics_snapshot(self) -> dict[str, Any]:
@@ -235,6 +238,7 @@ class ImageCache:
             self._counts[name] += 1
 
     def _on_evict(self, key: Hashable, reason: str) -> None:
+        self._parsed.pop(key, None)
         if reason == "purged":
             self._remember_purged(key)
 
@@ -252,6 +256,41 @@ class ImageCache:
             return
         self._remember_purged(key)
         self._count("corrupt_entries")
+
+
+class _ImageView:
+    """view_image's context manager (a class: cheaper than a generator on this hot path)."""
+
+    __slots__ = ("owner", "key", "viewing", "image", "pixels")
+
+    def __init__(self, owner: ImageCache, key: Hashable) -> None:
+        self.owner, self.key = owner, key
+
+    def __enter__(self) -> Image.Image:
+        owner, key = self.owner, self.key
+        self.viewing = owner.cache.view(key)
+        data = self.viewing.__enter__()  # KeyError if missing or purged
+        try:
+            self.image, self.pixels = owner._parsed_of(key, data).map(data)
+        except BitmapFormatError:
+            self.viewing.__exit__(None, None, None)
+            owner._drop_corrupt(key)
+            raise KeyError(key) from None
+        except BaseException:
+            self.viewing.__exit__(None, None, None)
+            raise
+        owner._count("views")
+        return self.image
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.image.close()
+            self.image = None
+            if self.pixels is not None:
+                self.owner._detach(self.key, self.pixels)
+                self.pixels = None
+        finally:
+            self.viewing.__exit__(None, None, None)
 
 
 def _load(source: Source) -> Image.Image:

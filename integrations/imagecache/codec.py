@@ -32,6 +32,60 @@ class Layout(NamedTuple):
     length: int
 
 
+class Parsed:
+    """A stored bitmap's header parsed and checked once, kept beside its entry: reads compare
+    the stored bytes' prefix (header, palette, padding) with it instead of parsing again."""
+
+    __slots__ = ("spec", "prefix", "nbytes", "zero_copy", "template", "args")
+
+    def __init__(self, spec: Layout, prefix: bytes, nbytes: int) -> None:
+        self.spec, self.prefix, self.nbytes = spec, prefix, nbytes
+        self.zero_copy = spec.length > 0 and spec.mode in ZERO_COPY_MODES
+        # Image._new of a 0x0 image of the mode wraps a mapped core as Image.frombuffer does,
+        # without its argument checks (done once, here).
+        self.template = Image.new(spec.mode, (0, 0)) if self.zero_copy else None
+        self.args = (spec.mode, 0, 1)
+
+    def matches(self, data: memoryview) -> bool:
+        """True if data is still the bitmap this header was parsed from (size and prefix)."""
+        return data.nbytes == self.nbytes and data[:len(self.prefix)] == self.prefix
+
+    def copy(self, data: memoryview) -> Image.Image:
+        """An Image owning a copy of the pixels: one memcpy per line for mapped modes."""
+        spec = self.spec
+        if not self.zero_copy:
+            return decode(data, spec)
+        core = Image.core.map_buffer(data, spec.size, "raw", spec.offset, self.args)
+        image = self.template._new(core.copy())
+        del core  # the mapping goes before the caller's view of data is released
+        _apply_palette(image, spec)
+        return image
+
+    def map(self, data: memoryview) -> tuple[Image.Image, Optional[memoryview]]:
+        """A read-only Image mapping the pixels (a copy for other modes), and the view of data
+        it holds (None for a copy)."""
+        if not self.zero_copy:
+            image = decode(data, self.spec)
+            image.readonly = 1
+            return image, None
+        pixels = data[self.spec.offset:]
+        try:
+            image = self.template._new(Image.core.map_buffer(pixels, self.spec.size, "raw", 0,
+                                                             self.args))
+            image.readonly = 1
+            _apply_palette(image, self.spec)
+        except BaseException:
+            pixels.release()  # no export may outlive the caller's pin
+            raise
+        return image, pixels
+
+
+def parse(data: memoryview) -> Parsed:
+    """layout() of stored bytes, kept with what reads need; BitmapFormatError if not a bitmap."""
+    spec = layout(data)
+    return Parsed(spec, bytes(data[:spec.offset]), data.nbytes)
+
+
 def encode(image: Image.Image) -> bytes:
     """The bytes to store for image: header, palette, padding, raw pixels in the image's mode."""
     image.load()
@@ -69,9 +123,9 @@ def layout(data: memoryview) -> Layout:
     return Layout(mode_name, (width, height), palette_name, palette, offset, length)
 
 
-def decode(data: memoryview) -> Image.Image:
-    """An Image owning a copy of the stored bitmap."""
-    spec = layout(data)
+def decode(data: memoryview, spec: Optional[Layout] = None) -> Image.Image:
+    """An Image owning a copy of the stored bitmap (its layout parsed when not given)."""
+    spec = layout(data) if spec is None else spec
     if spec.length == 0:
         image = Image.new(spec.mode, spec.size)
     elif spec.mode in ZERO_COPY_MODES:
@@ -91,19 +145,7 @@ def decode(data: memoryview) -> Image.Image:
 def map_image(data: memoryview) -> tuple[Image.Image, Optional[memoryview]]:
     """A read-only Image mapping the stored pixels where the mode allows, and the view of `data`
     it holds (None when the mode made a copy necessary)."""
-    spec = layout(data)
-    if spec.length == 0 or spec.mode not in ZERO_COPY_MODES:
-        image = decode(data)
-        image.readonly = 1
-        return image, None
-    pixels = data[spec.offset:]
-    try:
-        image = Image.frombuffer(spec.mode, spec.size, pixels, "raw", spec.mode, 0, 1)
-        _apply_palette(image, spec)
-    except BaseException:
-        pixels.release()  # no export may outlive the caller's pin
-        raise
-    return image, pixels
+    return parse(data).map(data)
 
 
 def _apply_palette(image: Image.Image, spec: Layout) -> None:
