@@ -17,6 +17,7 @@ SUITES: dict[str, tuple[str, ...]] = {
     "roundtrip": ("bench_backends.py",),
     "cache": ("bench_cache.py",),
     "sim": ("bench_sim.py",),
+    "image": ("bench_imagecache.py",),
 }
 GROUPS = tuple(SUITES)
 QUICK_ENV = "DISCACHE_BENCH_QUICK"  # honoured by bench/conftest.py: pedantic rounds capped
@@ -59,6 +60,8 @@ def group_of(bench: Bench) -> str:
     """The report group of one benchmark, from its extra_info ('other' when none fits)."""
     info = bench.get("extra_info") or {}
     op = str(info.get("op", ""))
+    if op.startswith("image-"):
+        return "image"
     if "cache" in info or "impl" in info or op.startswith("cache"):
         return "cache"  # before "backend": a DiscardableCache benchmark names its backend too
     if "backend" in info:
@@ -320,6 +323,29 @@ def other_section(benches: list[Bench]) -> tuple[list[str], dict[str, dict[str, 
     return out, {}
 
 
+def image_section(benches: list[Bench]) -> tuple[list[str], dict[str, dict[str, Series]]]:
+    """ImageCache reads beside the Pillow operations their floors are multiples of."""
+    by_impl = {str(b["extra_info"].get("impl", b["name"])): b for b in benches}
+    out = ["Median cost of one read of a 256x256 RGBA image. Ratio: to the baseline named in the "
+           "row, measured in the same run; floor: the most that ratio may be.", "",
+           "| op | implementation | median | ratio | floor | met |", "|---|---|---|---|---|---|"]
+    for impl, b in sorted(by_impl.items(), key=lambda kv: (str(kv[1]["extra_info"].get("op")),
+                                                            "baseline" in kv[1]["extra_info"]
+                                                            and kv[0] != kv[1]["extra_info"]
+                                                            ["baseline"], kv[0])):
+        info = b["extra_info"]
+        base = by_impl.get(str(info.get("baseline", "")))
+        ratio = floor = met = ""
+        if base is not None and base is not b and median(base) > 0:
+            value = median(b) / median(base)
+            ratio = f"{fmt_ratio(value)} of `{info['baseline']}`"
+            floor = fmt_ratio(float(info["floor"]))
+            met = "yes" if value <= float(info["floor"]) else "**no**"
+        out.append(f"| {info.get('op', '')} | {impl} | {fmt_seconds(median(b))} | {ratio} | "
+                   f"{floor} | {met} |")
+    return out, {}
+
+
 SECTIONS = {
     "unmark": ("Unmark and mark cost by pages and strategy (PageTable)", unmark_section,
                "bench/bench_pagetable.py"),
@@ -329,6 +355,8 @@ SECTIONS = {
               cache_section,
               "bench/bench_cache.py"),
     "sim": ("Simulated kernel: madvise cost and throughput", sim_section, "bench/bench_sim.py"),
+    "image": ("ImageCache reads against their floors", image_section,
+              "bench/bench_imagecache.py"),
     "other": ("Other benchmarks", other_section, ""),
 }
 
