@@ -56,6 +56,16 @@ def every_group() -> list[dict]:
     benches.append(entry("mystery", 3e-3, op="something new"))
     benches.append(entry("sizeless", 1e-3, op="unmark", strategy="token"))  # no pages: "other"
     benches.append(entry("sim-sizeless", 1e-3, op="mark", design="madv_free"))  # throughput row
+    # bench_imagecache.py: each ImageCache row names its baseline and floor
+    benches.append(entry("frombuffer", 3e-6, op="image-view", impl="Image.frombuffer(bytearray)",
+                         baseline="Image.frombuffer(bytearray)", floor=1.5))
+    benches.append(entry("view", 4e-6, op="image-view", impl="ImageCache.view_image[memfd]",
+                         baseline="Image.frombuffer(bytearray)", floor=1.5))
+    benches.append(entry("copy", 8e-6, op="image-get", impl="Image.copy()",
+                         baseline="Image.copy()", floor=1.2))
+    benches.append(entry("get", 12e-6, op="image-get", impl="ImageCache.get[memfd]",
+                         baseline="Image.copy()", floor=1.2))
+    benches.append(entry("lru", 1e-7, op="image-lookup", impl="cachetools.LRUCache[key]"))
     return benches
 
 
@@ -96,6 +106,14 @@ def test_every_group_gets_its_table_ratios_and_plot(tmp_path):
     assert rows_of(md, "cache-relock") == [["cache-relock", "DiscardableCache[memfd]",
                                             "2.00 us (10.0x)", ""]]
     assert "memfd" not in md.split("## Lock/unlock")[1].split("## Cache")[0]
+    assert rows_of(md, "image-view") == [
+        ["image-view", "Image.frombuffer(bytearray)", "3.00 us", "", "", ""],
+        ["image-view", "ImageCache.view_image[memfd]", "4.00 us",
+         "1.33x of `Image.frombuffer(bytearray)`", "1.50x", "yes"]]
+    assert rows_of(md, "image-get")[1] == ["image-get", "ImageCache.get[memfd]", "12.00 us",
+                                           "1.50x of `Image.copy()`", "1.20x", "**no**"]
+    assert rows_of(md, "image-lookup") == [["image-lookup", "cachetools.LRUCache[key]", "100 ns",
+                                            "", "", ""]]
     for png in ("unmark.png", "roundtrip.png", "cache.png", "sim.png"):
         assert f"]({png})" in md
         data = (tmp_path / png).read_bytes()
@@ -125,7 +143,7 @@ def test_from_json_renders_without_running(tmp_path, capsys):
     src.write_text(json.dumps({"benchmarks": every_group()}))
     assert cli.main(["bench", "--from-json", str(src), "--out", str(tmp_path / "r")]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert (tmp_path / "r" / "report.md").read_text().count("## ") == 5
+    assert (tmp_path / "r" / "report.md").read_text().count("## ") == len(benchreport.SECTIONS)
 
 
 @pytest.mark.parametrize("content, message", [
