@@ -20,6 +20,10 @@ SUITES: dict[str, tuple[str, ...]] = {
     "image": ("bench_imagecache.py",),
 }
 GROUPS = tuple(SUITES)
+# what running a group needs beyond pytest and pytest-benchmark: {module: pip package}
+NEEDS: dict[str, dict[str, str]] = {"cache": {"cachetools": "cachetools"},
+                                    "image": {"PIL": "Pillow", "cachetools": "cachetools"}}
+RUNNER = {"pytest": "pytest", "pytest_benchmark": "pytest-benchmark"}
 QUICK_ENV = "DISCACHE_BENCH_QUICK"  # honoured by bench/conftest.py: pedantic rounds capped
 # quick mode for plain benchmark() calls: pytest-benchmark's own calibration limits
 QUICK_PYTEST_ARGS = ("--benchmark-max-time=0.05", "--benchmark-min-rounds=3",
@@ -521,11 +525,14 @@ def run(bench_dir: Path, groups: Iterable[str], json_path: Path, quick: bool,
         env[QUICK_ENV] = "1"
     else:
         env.pop(QUICK_ENV, None)
-    print(f"discache bench: running {len(files)} file(s) "
-          f"({', '.join(found)}){' in quick mode' if quick else ''}", file=log, flush=True)
+    print(f"discache bench: running {len(files)} file(s) ({', '.join(found)}) from {bench_dir}"
+          f"{' in quick mode' if quick else ''}", file=log, flush=True)
     start = time.monotonic()
     tail: list[str] = []
-    with subprocess.Popen(cmd, cwd=bench_dir.parent, env=env, stdout=subprocess.PIPE,
+    # In a checkout, pytest runs from its root (its configuration, its discache); an installed
+    # copy runs from the output directory, not from inside site-packages.
+    cwd = bench_dir.parent if (bench_dir.parent / "pyproject.toml").exists() else json_path.parent
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -533,8 +540,11 @@ def run(bench_dir: Path, groups: Iterable[str], json_path: Path, quick: bool,
             m = PROGRESS.match(line)
             if m:
                 node, outcome, done, total = m.groups()
-                print(f"  [{done:>3}/{total}] {time.monotonic() - start:6.1f}s {outcome:<7} {node}",
-                      file=log, flush=True)
+                line = f"  [{done:>3}/{total}] {time.monotonic() - start:6.1f}s {outcome:<7} "
+                room = 100 - len(line)
+                if len(node) > room:  # the line fits a terminal: the test's name is kept whole
+                    node = "..." + node[len(node) - room + 3:]
+                print(line + node, file=log, flush=True)
     if proc.returncode != 0:
         print(f"discache bench: pytest failed (exit {proc.returncode}); its last lines:",
               file=log)
@@ -551,11 +561,25 @@ def run(bench_dir: Path, groups: Iterable[str], json_path: Path, quick: bool,
 
 
 def default_bench_dir() -> Path:
-    """./bench when it exists, else the bench/ beside the discache package (a source checkout)."""
-    here = Path("bench")
-    if here.is_dir():
-        return here.resolve()
-    return Path(__file__).resolve().parent.parent / "bench"
+    """./bench when it holds benchmarks (a checkout), else the benchmarks installed with discache
+    (discache/bench), else the bench/ beside the discache package (a checkout run elsewhere)."""
+    for candidate in (Path("bench"), Path(__file__).resolve().parent / "bench",
+                      Path(__file__).resolve().parent.parent / "bench"):
+        if any(candidate.glob("bench_*.py")):
+            return candidate.resolve()
+    return Path(__file__).resolve().parent / "bench"
+
+
+def missing_packages(modules: dict[str, str]) -> list[str]:
+    """The pip packages of the modules that cannot be imported here."""
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        if module in sys.modules:  # imported already, or blocked (None)
+            return sys.modules[module] is None
+        return importlib.util.find_spec(module) is None
+
+    return sorted({package for module, package in modules.items() if absent(module)})
 
 
 def parse_only(text: str) -> list[str]:
@@ -569,8 +593,28 @@ def parse_only(text: str) -> list[str]:
 
 
 def cmd_bench(args) -> int:
-    """Run the benchmarks (or --from-json FILE) and write report.md and plots into --out."""
+    """Run the benchmarks and write a report: report.md (tables, ratios) and plots.
+
+    Runs pytest-benchmark on the bench_*.py files of each group (--only), from a checkout's
+    bench/ or from the copy installed with discache, with a progress line per benchmark; or
+    renders the report of an existing pytest-benchmark JSON (--from-json).  Needs pytest,
+    pytest-benchmark and matplotlib (the plots), and for some groups cachetools and Pillow: a
+    missing one is named with the command that installs it.  Exit status: 0, 1 if a benchmark
+    failed, 2 for a bad option, a missing package or nothing to run."""
+    from .cli import missing
+
     out = Path(args.out)
+    needed = {} if args.from_json else dict(RUNNER)
+    for group in ([] if args.from_json else args.only):
+        needed.update(NEEDS.get(group, {}))
+    if not args.no_plots:
+        needed["matplotlib"] = "matplotlib"
+    absent = missing_packages(needed)
+    if absent:
+        what = "the plots need matplotlib, or give --no-plots; " if "matplotlib" in absent else ""
+        print(f"discache bench: {missing(absent, what + 'discache bench needs them')}",
+              file=sys.stderr)
+        return 2
     try:
         if args.from_json:
             data = load(args.from_json)
@@ -596,26 +640,25 @@ def cmd_bench(args) -> int:
 
 def add_parser(sub) -> None:
     """The `bench` subcommand."""
-    import argparse
+    from .argtypes import some_of
+    from .cli import add_subcommand
 
-    def only(text: str) -> list[str]:
-        try:
-            return parse_only(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    p = sub.add_parser("bench", help=cmd_bench.__doc__, description=cmd_bench.__doc__)
-    p.add_argument("--only", type=only, default=list(GROUPS), metavar="GROUPS",
+    p = add_subcommand(sub, "bench", cmd_bench.__doc__ or "")
+    p.add_argument("--only", type=some_of(GROUPS), default=list(GROUPS), metavar="GROUPS",
                    help=f"comma-separated groups to run, of {','.join(GROUPS)} (default: all)")
     p.add_argument("--quick", action="store_true",
-                   help="few rounds (pedantic rounds capped, short calibration): minutes, not more")
-    p.add_argument("--out", default="bench-report", help="report directory (default: bench-report)")
-    p.add_argument("--json",
-                   help="where pytest-benchmark writes its JSON (default: OUT/bench.json)")
+                   help="few rounds (pedantic rounds capped, short calibration): seconds, not "
+                        "minutes")
+    p.add_argument("--out", default="bench-report", metavar="DIR",
+                   help="report directory (default: bench-report)")
+    p.add_argument("--json", metavar="FILE",
+                   help="where pytest-benchmark writes its JSON (default: DIR/bench.json)")
     p.add_argument("--from-json", metavar="FILE",
                    help="render the report of an existing pytest-benchmark JSON; run nothing")
-    p.add_argument("--bench-dir", help="the directory of bench_*.py files (default: ./bench)")
-    p.add_argument("--no-plots", action="store_true", help="write report.md only")
+    p.add_argument("--bench-dir", metavar="DIR",
+                   help="the directory of bench_*.py files (default: ./bench in a checkout, "
+                        "else the benchmarks installed with discache)")
+    p.add_argument("--no-plots", action="store_true", help="write report.md only (no matplotlib)")
     p.add_argument("--keep-rounds", action="store_true",
                    help="keep every round's time in the JSON (stats.data; large)")
     p.set_defaults(func=cmd_bench)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, TextIO
 
 from . import force_reclaim
-from .argtypes import positive_int
+from .argtypes import fraction, integer, one_of, port, positive_int
 from .errors import BackendUnavailableError
 from .manager import (MAX_RAM_FRACTION, PAGE, DiscardableMemoryManager, default_limit,
                       physical_ram)
@@ -22,37 +22,35 @@ MODES = ("RGB", "RGBA", "L", "P")
 IDLE_UNLOCK = 0.05  # seconds an image must go unused before a sweep unlocks it
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), got {text}")
-    return value
+BACKENDS = ("auto", "madvfree", "memfd")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the `demo` subcommand."""
-    p = sub.add_parser("demo", help=run.__doc__, description=__doc__)
-    p.add_argument("--backend", default="auto", choices=("auto", "madvfree", "memfd"),
+    from .cli import add_subcommand
+
+    p = add_subcommand(sub, "demo", run.__doc__ or "")
+    p.add_argument("--backend", default="auto", type=one_of(BACKENDS),
+                   metavar="{" + ",".join(BACKENDS) + "}",
                    help="where the bitmaps live (default: auto, madvfree on Linux)")
-    p.add_argument("--images", type=positive_int, default=300, help="images to generate (300)")
-    p.add_argument("--size", type=positive_int, default=256,
-                   help="width and height of each image in pixels (256)")
-    p.add_argument("--reclaim", type=_fraction, default=1 / 3, metavar="FRACTION",
-                   help="share of the images the kernel is made to reclaim (1/3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the images and the choice (0)")
-    p.add_argument("--metrics-port", type=_port, metavar="PORT",
+    p.add_argument("--images", type=positive_int, default=300, metavar="N",
+                   help="images to generate (default 300)")
+    p.add_argument("--size", type=positive_int, default=256, metavar="PIXELS",
+                   help="width and height of each image in pixels (default 256)")
+    p.add_argument("--reclaim", type=fraction, default=1 / 3, metavar="FRACTION",
+                   help="share of the images the kernel is made to reclaim, from 0 to 1 "
+                        "(default 1/3)")
+    p.add_argument("--seed", type=integer, default=0, metavar="N",
+                   help="seed of the images and of the choice (default 0)")
+    p.add_argument("--metrics-port", type=port, metavar="PORT",
                    help="serve Prometheus metrics of the cache and its manager on "
-                        "http://127.0.0.1:PORT/metrics while the demo runs")
+                        "http://127.0.0.1:PORT/metrics while the demo runs (0: any free port)")
+    p.add_argument("--keep-serving", action="store_true",
+                   help="with --metrics-port: after the run, keep the cache and serve its final "
+                        "numbers until interrupted (Ctrl-C or SIGTERM), so that a scrape sees them")
     p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bars (they are drawn only on a terminal anyway)")
-    p.set_defaults(func=run)
+                   help="no progress bars (drawn on standard error, only on a terminal anyway)")
+    p.set_defaults(func=run, parser=p)
 
 
 # ---------------------------------------------------------------------- progress and report
@@ -158,8 +156,10 @@ def _how_reclaimed(backend: str) -> str:
 
 def format_table(result: DemoResult) -> str:
     """The phases with their times, then the counters."""
+    from .cli import wrap
+
     rows = [f"{'phase':<18} {'time':>8}  what happened"]
-    rows += [f"{p.name:<18} {p.seconds:>7.2f}s  {p.note}" for p in result.phases]
+    rows += [wrap(f"{p.name:<18} {p.seconds:>7.2f}s  ", p.note, 29) for p in result.phases]
     rows.append(f"{'total':<18} {result.seconds:>7.2f}s")
     rows.append("")
     counters = [
@@ -173,7 +173,7 @@ def format_table(result: DemoResult) -> str:
                         "around the reclaim"),
         ("corrupt", f"{result.corrupt}"),
     ]
-    rows += [f"{name:<18} {value}" for name, value in counters]
+    rows += [wrap(f"{name:<18} ", value, 19) for name, value in counters]
     return "\n".join(rows)
 
 
@@ -235,10 +235,12 @@ def _same(a: Any, b: Any) -> bool:
 
 def run_demo(images: int, size: int, backend: str = "auto", reclaim: float = 1 / 3,
              seed: int = 0, progress: Optional[Callable[[str, int], Progress]] = None,
-             on_phase: Optional[Callable[[str, Any], None]] = None) -> DemoResult:
+             on_phase: Optional[Callable[[str, Any], None]] = None,
+             on_done: Optional[Callable[[DemoResult, Any], None]] = None) -> DemoResult:
     """Generate, decode, idle, reclaim a chosen share through the kernel, access all again and
     compare every image with its file; returns the numbers.  on_phase(name, image_cache) is
-    called as each phase starts (for metrics exporters and tests)."""
+    called as each phase starts (for metrics exporters and tests), on_done(result, image_cache)
+    at the end, before the cache is closed."""
     ImageCache = _image_cache_class()
     progress = progress or (lambda label, total: Progress(label, total, sys.stderr, False))
     bitmap_bound = images * (size * size * 4 + 1088)  # RGBA pixels, header and palette
@@ -253,9 +255,21 @@ def run_demo(images: int, size: int, backend: str = "auto", reclaim: float = 1 /
         result.on_phase = lambda name: on_phase(name, cache)
     try:
         _run_phases(result, cache, size, reclaim, seed, progress)
+        if on_done is not None:
+            on_done(result, cache)
     finally:
         cache.close()
     return result
+
+
+def go_idle(cache: Any) -> int:
+    """Leave every bitmap unused until it is unlocked; returns how many were unlocked."""
+    unlocked = 0
+    # Second chance: a first sweep marks the bitmaps unused, the next unlocks them.
+    for _ in range(2):
+        time.sleep(IDLE_UNLOCK)
+        unlocked += cache.sweep()
+    return unlocked
 
 
 def _run_phases(result: DemoResult, cache: Any, size: int, reclaim: float, seed: int,
@@ -290,10 +304,7 @@ def _run_phases(result: DemoResult, cache: Any, size: int, reclaim: float, seed:
         step.note = f"{len(cache)} bitmaps, {_mib(result.bitmap_bytes)} in discardable memory"
 
         step = result.phase("go idle")
-        # Second chance: a first sweep marks the bitmaps unused, the next unlocks them.
-        for _ in range(2):
-            time.sleep(IDLE_UNLOCK)
-            result.unlocked += cache.sweep()
+        result.unlocked = go_idle(cache)
         step.stop()
         step.note = (f"{result.unlocked} bitmaps unlocked by idle sweeps "
                      f"({'MADV_FREE' if backend == 'madvfree' else backend})")
@@ -351,7 +362,15 @@ def _run_phases(result: DemoResult, cache: Any, size: int, reclaim: float, seed:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Show the kernel reclaiming cached images and the cache serving only correct ones."""
+    """Show the kernel reclaiming cached images, and the cache serving only correct ones.
+
+    Generates PNG images, decodes them into an image cache in discardable memory, lets them go
+    idle (unlocked), makes the real kernel reclaim a share of them (MADV_PAGEOUT), reads every
+    image again (regenerating what was purged) and compares each one with its PNG, pixel for
+    pixel.  Exit status: 0, 1 if an image was corrupt or the counters disagree, 2 for a bad
+    option or a missing Pillow."""
+    if args.keep_serving and args.metrics_port is None:
+        args.parser.error("--keep-serving serves metrics: give --metrics-port PORT too")
     exporter = None
     if args.metrics_port is not None:
         from .metrics import Exporter
@@ -360,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
             exporter = Exporter(args.metrics_port)
         except OSError as error:
             print(f"discache demo: cannot serve metrics on 127.0.0.1:{args.metrics_port}: "
-                  f"{error.strerror}", file=sys.stderr)
+                  f"{error.strerror or error}", file=sys.stderr)
             return 2
         print(f"discache demo: metrics on http://127.0.0.1:{exporter.port}/metrics", flush=True)
 
@@ -369,15 +388,25 @@ def run(args: argparse.Namespace) -> int:
             exporter.watch(cache, "demo")
             exporter.watch(cache.manager, "demo-manager")
 
+    printed: list[int] = []
+
+    def report(result: DemoResult, cache: Any) -> None:
+        printed.append(print_result(result))
+        if args.keep_serving:
+            serve_until_interrupted(exporter)
+
     enabled = args.progress and sys.stderr.isatty()
     try:
         result = run_demo(args.images, args.size, args.backend, args.reclaim, args.seed,
                           lambda label, total: Progress(label, total, sys.stderr, enabled),
-                          export if exporter is not None else None)
+                          export if exporter is not None else None, report)
     except ModuleNotFoundError as error:
         if error.name != "PIL":
             raise
-        print("discache demo: Pillow is missing: pip install 'discache[image]'", file=sys.stderr)
+        from .cli import install_command
+
+        print(f"discache demo: Pillow is missing (the demo draws and decodes images with it): "
+              f"{install_command('Pillow')}", file=sys.stderr)
         return 2
     except (BackendUnavailableError, ValueError) as error:
         print(f"discache demo: {error}", file=sys.stderr)
@@ -385,10 +414,35 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if exporter is not None:
             exporter.close()
+    return printed[0] if printed else exit_code(result)
+
+
+def print_result(result: DemoResult) -> int:
+    """Print the table; the exit code it calls for."""
     print(f"discache demo: backend {result.backend} (real kernel), page {PAGE} bytes, "
           f"pid {os.getpid()}")
     print(format_table(result))
+    sys.stdout.flush()
     return exit_code(result)
+
+
+def serve_until_interrupted(exporter: Any) -> None:
+    """Keep serving the final numbers until Ctrl-C or SIGTERM."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    print(f"discache demo: serving the final numbers on http://127.0.0.1:{exporter.port}/metrics "
+          "until interrupted (Ctrl-C)", flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print("discache demo: stopped serving", flush=True)
 
 
 def exit_code(result: DemoResult) -> int:

@@ -116,3 +116,59 @@ def test_progress_bar_draws_only_when_enabled():
     quiet = io.StringIO()
     Progress("decode", 4, quiet, enabled=False).advance(4)
     assert quiet.getvalue() == ""
+
+
+def test_keep_serving_serves_the_final_numbers_until_interrupted():
+    """--keep-serving: after the table, /metrics keeps answering with the final numbers (a 15 s
+    scrape interval sees them) until SIGTERM, then the demo exits 0 and frees the port."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "discache", "demo", "--images", "6", "--size",
+                             "16", "--metrics-port", "0", "--keep-serving", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "until interrupted" in line:
+                break
+        out = "".join(lines)
+        url = re.search(r"serving the final numbers on (http://\S+/metrics)", out).group(1)
+        hits = int(re.search(r"^hits\s+(\d+)", out, re.M).group(1))
+        assert proc.poll() is None, "still serving after the table"
+        for _ in range(2):
+            with urllib.request.urlopen(url, timeout=10) as response:
+                text = response.read().decode()
+            assert re.search(r'discache_cache_hits_total\{[^}]*name="demo"[^}]*\} '
+                             + f"{hits}.0", text), text[:2000]
+            time.sleep(0.6)
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "stopped serving" in rest
+        port = int(url.split(":")[2].split("/")[0])
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_keep_serving_needs_a_metrics_port(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["demo", "--keep-serving"])
+    assert exit.value.code == 2
+    assert "give --metrics-port PORT" in capsys.readouterr().err
+
+
+def test_the_table_fits_100_columns(capsys):
+    assert cli.main(["demo", "--images", "8", "--size", "24", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    assert "bytes reclaimed" in out and "MADV_PAGEOUT" in out.replace("\n", " ") or "holes" in out

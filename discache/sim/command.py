@@ -5,56 +5,64 @@ import argparse
 import json
 import sys
 import time
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
-from ..argtypes import positive_int
+from ..argtypes import integer, natural, positive_int, power_of_two, some_of
 from .kernel import MADV_NONVOLATILE, MADV_VOLATILE, SimulatedKernel
 from .replay import DESIGNS, Replayer, TraceError, read_trace
 from .workload import image_cache
 
-
-def _natural(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
-    return value
+PROGRESS_EVERY = 2000  # operations between two advances of a design's progress bar
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the `simulate` subcommand."""
-    p = sub.add_parser("simulate", help=run.__doc__, description=__doc__)
+    from ..cli import add_subcommand
+
+    p = add_subcommand(sub, "simulate", run.__doc__ or "")
     p.add_argument("--trace", metavar="FILE", help="replay this trace file (format: docs/sim.md) "
-                   "instead of the built-in image cache; '-' reads standard input")
-    p.add_argument("--designs", default=",".join(DESIGNS),
-                   help="comma-separated designs to compare (default: all of "
-                        f"{', '.join(DESIGNS)})")
-    p.add_argument("--ram-pages", type=positive_int, default=1 << 16,
-                   help="simulated RAM (default 65536)")
-    p.add_argument("--swap-pages", type=_natural, default=0,
-                   help="simulated swap (default 0: swapless)")
-    p.add_argument("--page-size", type=positive_int, default=4096,
-                   help="page size in bytes (default 4096)")
-    p.add_argument("--steps", type=_natural, default=6000,
+                   "instead of the built-in image cache, and print only its results; '-' reads "
+                   "standard input")
+    p.add_argument("--designs", type=some_of(tuple(DESIGNS)), default=list(DESIGNS),
+                   metavar="DESIGNS", help="comma-separated designs to compare (default: all of "
+                   f"{','.join(DESIGNS)})")
+    p.add_argument("--ram-pages", type=positive_int, default=1 << 16, metavar="N",
+                   help="simulated RAM in pages (default 65536)")
+    p.add_argument("--swap-pages", type=natural, default=0, metavar="N",
+                   help="simulated swap in pages (default 0: swapless)")
+    p.add_argument("--page-size", type=power_of_two(64, 2 << 20), default=4096, metavar="BYTES",
+                   help="page size in bytes, a power of two from 64 to 2097152 (default 4096)")
+    p.add_argument("--steps", type=natural, default=6000, metavar="N",
                    help="built-in workload: steps (default 6000)")
-    p.add_argument("--images", type=positive_int, default=384,
+    p.add_argument("--images", type=positive_int, default=384, metavar="N",
                    help="built-in workload: images (default 384)")
-    p.add_argument("--image-pages", type=positive_int, default=256,
+    p.add_argument("--image-pages", type=positive_int, default=256, metavar="N",
                    help="built-in workload: pages per image (default 256)")
-    p.add_argument("--seed", type=int, default=1, help="built-in workload: random seed (default 1)")
+    p.add_argument("--seed", type=integer, default=1, metavar="N",
+                   help="built-in workload: random seed (default 1)")
     p.add_argument("--workload-only", action="store_true",
-                   help="skip the unmark sweep, fork accounting and swapless reclaim tables")
+                   help="built-in workload: skip the unmark sweep, fork accounting and swapless "
+                        "reclaim tables")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.add_argument("--wide", action="store_true",
+                   help="print each table in one piece, however wide (default: tables fit 100 "
+                        "columns, split when wider)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars (drawn on standard error, only on a terminal anyway)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Replay a workload on the simulated kernel under each design and compare them."""
-    names = [n.strip() for n in args.designs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in DESIGNS]
-    if unknown or not names:
-        print(f"discache simulate: unknown design(s) {', '.join(unknown) or '(none)'}; "
-              f"choose from {', '.join(DESIGNS)}", file=sys.stderr)
-        return 2
+    """Replay a workload on the simulated kernel under each design and compare what each cost.
+
+    The workload is the built-in image cache (--steps, --images, --image-pages, --seed), or a
+    trace file (--trace, format in docs/sim.md).  For the built-in workload, three experiments
+    follow (unless --workload-only): the unmark cost against range size, volatile pages under
+    fork, and swapless reclaim.  Exit status: 0, 1 if a design failed on the workload, 2 for a
+    bad option or an unreadable trace."""
+    from ..demo import Progress
+
+    names = args.designs
     try:
         if args.trace:
             stream = sys.stdin if args.trace == "-" else open(args.trace, encoding="utf-8")
@@ -70,29 +78,46 @@ def run(args: argparse.Namespace) -> int:
         return 2
     report: dict = {"workload": title, "ram_pages": args.ram_pages, "swap_pages": args.swap_pages,
                     "page_size": args.page_size, "designs": []}
-    failed = 0
+    drawing = args.progress and sys.stderr.isatty()
+    errors: dict[str, list[str]] = {}
     for name in names:
+        bar = Progress(name, len(ops), sys.stderr, drawing)
         try:
             replayer = Replayer(DESIGNS[name], args.ram_pages, args.swap_pages, args.page_size)
-            result = replayer.run(ops)
+            result = replayer.run(_counted(ops, bar))
         except (TraceError, OSError, MemoryError, KeyError, ValueError) as e:
             # One design may not apply (MADV_FREE on shared memory): report it, run the others.
-            print(f"discache simulate: {name}: the workload failed: {e!r}", file=sys.stderr)
-            failed += 1
+            errors.setdefault(str(e) or type(e).__name__, []).append(name)
             continue
+        finally:
+            bar.close()
         report["designs"].append(result.row())
+    for message, failed in errors.items():
+        print(f"discache simulate: {', '.join(failed)}: the workload failed: {message}",
+              file=sys.stderr)
     if not report["designs"]:
         return 1
-    if not args.workload_only:
-        report["unmark_sweep"] = unmark_sweep()
-        report["fork_accounting"] = fork_accounting()
-        report["swapless_reclaim"] = swapless_reclaim()
+    if not args.workload_only and not args.trace:
+        experiments = (("unmark_sweep", unmark_sweep), ("fork_accounting", fork_accounting),
+                       ("swapless_reclaim", swapless_reclaim))
+        bar = Progress("experiments", len(experiments), sys.stderr, drawing)
+        for key, experiment in experiments:
+            report[key] = experiment()
+            bar.advance()
+        bar.close()
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
     else:
-        print_report(report)
-    return 1 if failed else 0
+        print_report(report, args.wide)
+    return 1 if errors else 0
+
+
+def _counted(ops: list, bar: Any) -> Iterator:
+    """ops, advancing bar every PROGRESS_EVERY operations."""
+    for start in range(0, len(ops), PROGRESS_EVERY):
+        yield from ops[start:start + PROGRESS_EVERY]
+        bar.advance(min(PROGRESS_EVERY, len(ops) - start))
 
 
 def unmark_sweep(sizes: Sequence[int] = (1, 64, 4096, 262144, 1 << 20),
@@ -185,32 +210,21 @@ def swapless_reclaim(ram_pages: int = 1 << 18, ask: int = 4096) -> list[dict]:
     return rows
 
 
-def _table(rows: list[dict]) -> str:
-    def cell(v: object) -> str:
-        if isinstance(v, float):
-            return f"{v:,.1f}" if v >= 10 or v == 0 else f"{v:.2f}"
-        if isinstance(v, int):
-            return f"{v:,}"
-        return "-" if v is None else str(v)
-    cols = list(rows[0])
-    cells = [[cell(r[c]) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
+def print_report(report: dict, wide: bool = False) -> None:
+    """The tables, for a terminal: each fits 100 columns unless wide."""
+    from ..cli import format_table
 
+    def table(rows: list[dict]) -> str:
+        return format_table(rows, wide=wide)
 
-def print_report(report: dict) -> None:
-    """The tables, for a terminal."""
     print(f"discache simulate: {report['workload']}")
     print(f"RAM {report['ram_pages']:,} pages, swap {report['swap_pages']:,} pages, "
           f"page size {report['page_size']} bytes\n")
-    print(_table(report["designs"]))
+    print(table(report["designs"]))
     if "unmark_sweep" in report:
         print("\nMADV_NONVOLATILE (unmark) and MADV_VOLATILE (mark) on one range, 10% purged:")
-        print(_table(report["unmark_sweep"]))
+        print(table(report["unmark_sweep"]))
         print("\nVolatile pages under fork (1024 pages, 2 children):")
-        print(_table(report["fork_accounting"]))
+        print(table(report["fork_accounting"]))
         print("\nSwapless reclaim of 4096 pages from 262,144 resident pages, twice:")
-        print(_table(report["swapless_reclaim"]))
+        print(table(report["swapless_reclaim"]))

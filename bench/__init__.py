@@ -1,0 +1,1 @@
+"""The benchmarks (pytest-benchmark), installed as discache.bench: `discache bench` runs them."""
