@@ -4,7 +4,7 @@ Anything handed to `DiscacheCollector.watch(obj, name)` (an allocator, a manager
 weakly and must have a method `metrics_snapshot() -> dict`, called at every scrape, whose keys are
 all optional (a missing key exports no series for that object; unknown keys are ignored):
 
-| key | value | series (every one labelled name="<name>") |
+| key | value | series (every one labelled name="<name>", layer="<layer>") |
 |---|---|---|
 | `allocated_bytes` | int, now | `discache_allocated_bytes` (gauge) |
 | `locked_bytes` | int, now | `discache_locked_bytes` (gauge) |
@@ -24,6 +24,15 @@ three results (0 when absent) so that ratios in alerting rules exist from the fi
 `LatencyHistogram.snapshot()`; the series is a histogram. An object records durations with a
 `LatencyHistogram`; `DiscacheCollector(latency=False)` leaves the histogram out of the export.
 An exception from metrics_snapshot() fails the scrape (a broken source is not hidden).
+
+The `layer` label says where an object's memory is counted, so that no sum counts it twice:
+`manager` (a DiscardableMemoryManager: all the memory of the caches allocating from it, and its
+own allocations), `cache` (a cache or anything else with a `manager` attribute: its share of that
+manager's memory, and its hits, misses, regenerations, evictions) and `allocator` (anything else,
+which owns its memory: DiscardableMemoryAllocator, a custom source).  Sum memory, purges, locks,
+latency and pressure over `layer!="cache"`; cache series over `layer="cache"` (the rules and the
+dashboard in integrations/prometheus do).  An object may declare its layer with a
+`metrics_layer` attribute, and watch() may be told it.
 """
 from __future__ import annotations
 
@@ -39,6 +48,7 @@ from prometheus_client.core import (REGISTRY, CollectorRegistry, CounterMetricFa
 from .pressure import LEVELS
 
 LOCK_RESULTS = ("success", "purged", "failed")
+LAYERS = ("cache", "manager", "allocator")
 OPERATIONS = ("lock", "unlock")
 # 250 ns (a PageTable call from Python) to 100 ms (a lock that faults in megabytes)
 DEFAULT_BUCKETS = (2.5e-7, 5e-7, 1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3,
@@ -103,6 +113,20 @@ class LatencyHistogram:
         return {"buckets": cumulative, "sum": total}
 
 
+def layer_of(obj: Any) -> str:
+    """The layer label of a watched object (see the module's docstring)."""
+    declared = getattr(obj, "metrics_layer", None)
+    if declared is not None:
+        return declared
+    from .manager import DiscardableMemoryManager
+
+    if isinstance(obj, DiscardableMemoryManager):
+        return "manager"
+    if getattr(obj, "manager", None) is not None:
+        return "cache"
+    return "allocator"
+
+
 def _bound_text(bound: float) -> str:
     return "+Inf" if math.isinf(bound) else repr(float(bound))
 
@@ -113,18 +137,23 @@ class DiscacheCollector:
     def __init__(self, registry: CollectorRegistry | None = REGISTRY, latency: bool = True):
         self.latency = latency
         self._watched: dict[str, weakref.ref] = {}
+        self._layers: dict[str, str] = {}
         # reentrant: a weakref callback may run (garbage collection) while the lock is held
         self._lock = threading.RLock()
         self._registry = registry
         if registry is not None:
             registry.register(self)
 
-    def watch(self, obj: MetricsSource, name: str) -> None:
-        """Export obj's numbers with label name=name while obj lives (held weakly)."""
+    def watch(self, obj: MetricsSource, name: str, layer: str | None = None) -> None:
+        """Export obj's numbers with labels name=name and layer=layer (by default what obj is:
+        cache, manager or allocator) while obj lives (held weakly)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         if not callable(getattr(obj, "metrics_snapshot", None)):
             raise TypeError(f"{type(obj).__name__} has no metrics_snapshot() method")
+        layer = layer_of(obj) if layer is None else layer
+        if layer not in LAYERS:
+            raise ValueError(f"layer must be one of {', '.join(LAYERS)}, got {layer!r}")
         with self._lock:
             current = self._watched.get(name)
             if current is not None and current() is not None:
@@ -134,9 +163,11 @@ class DiscacheCollector:
                 with self._lock:
                     if self._watched.get(name) is ref:
                         del self._watched[name]
+                        self._layers.pop(name, None)
 
             try:
                 self._watched[name] = weakref.ref(obj, forget)
+                self._layers[name] = layer
             except TypeError:
                 raise TypeError(f"{type(obj).__name__} cannot be held weakly "
                                 "(add __weakref__ to its __slots__)") from None
@@ -145,6 +176,7 @@ class DiscacheCollector:
         """Stop exporting the object watched as name (KeyError if none is)."""
         with self._lock:
             del self._watched[name]
+            self._layers.pop(name, None)
 
     def watched(self) -> dict[str, Any]:
         """The live watched objects by name."""
@@ -164,37 +196,41 @@ class DiscacheCollector:
 
     def collect(self) -> Iterator[Metric]:
         """One family per series, with a sample per watched object that reports it."""
-        return self._families([(name, obj.metrics_snapshot())
+        with self._lock:
+            layers = dict(self._layers)
+        return self._families([((name, layers.get(name, "allocator")), obj.metrics_snapshot())
                                for name, obj in sorted(self.watched().items())])
 
-    def _families(self, snapshots: list[tuple[str, dict[str, Any]]]) -> Iterator[Metric]:
+    def _families(self, snapshots: list[tuple[tuple[str, str], dict[str, Any]]]
+                  ) -> Iterator[Metric]:
         for key, metric, doc in GAUGES:
-            family = GaugeMetricFamily(metric, doc, labels=["name"])
-            for name, snap in snapshots:
+            family = GaugeMetricFamily(metric, doc, labels=["name", "layer"])
+            for labels, snap in snapshots:
                 if key in snap:
-                    family.add_metric([name], snap[key])
+                    family.add_metric(list(labels), snap[key])
             yield family
         for key, metric, doc in COUNTERS:
-            family = CounterMetricFamily(metric, doc, labels=["name"])
-            for name, snap in snapshots:
+            family = CounterMetricFamily(metric, doc, labels=["name", "layer"])
+            for labels, snap in snapshots:
                 if key in snap:
-                    family.add_metric([name], snap[key])
+                    family.add_metric(list(labels), snap[key])
             yield family
         for key, metric, doc, label, always in LABELLED_COUNTERS:
-            family = CounterMetricFamily(metric, doc, labels=["name", label])
-            for name, snap in snapshots:
+            family = CounterMetricFamily(metric, doc, labels=["name", "layer", label])
+            for labels, snap in snapshots:
                 if key not in snap:
                     continue
                 values = dict.fromkeys(always, 0)
                 values.update(snap[key])
                 for value_label, count in sorted(values.items()):
-                    family.add_metric([name, value_label], count)
+                    family.add_metric([*labels, value_label], count)
             yield family
         if self.latency:
-            family = HistogramMetricFamily(*HISTOGRAM, labels=["name", "op"])
-            for name, snap in snapshots:
+            family = HistogramMetricFamily(*HISTOGRAM, labels=["name", "layer", "op"])
+            for labels, snap in snapshots:
                 for op, hist in sorted(snap.get("durations", {}).items()):
-                    family.add_metric([name, op], [(_bound_text(b), c) for b, c in hist["buckets"]],
+                    family.add_metric([*labels, op],
+                                      [(_bound_text(b), c) for b, c in hist["buckets"]],
                                       sum_value=hist["sum"])
             yield family
 
@@ -211,9 +247,9 @@ class Exporter:
         self.addr = addr
         self.port: int = self._server.server_port  # the port chosen when 0 was asked
 
-    def watch(self, obj: MetricsSource, name: str) -> None:
-        """Export obj's numbers with label name=name while obj lives."""
-        self.collector.watch(obj, name)
+    def watch(self, obj: MetricsSource, name: str, layer: str | None = None) -> None:
+        """Export obj's numbers with labels name=name and layer while obj lives."""
+        self.collector.watch(obj, name, layer)
 
     def close(self) -> None:
         """Stop serving and free the port."""
@@ -241,9 +277,9 @@ def default_collector() -> DiscacheCollector:
         return _default
 
 
-def watch(obj: MetricsSource, name: str) -> None:
+def watch(obj: MetricsSource, name: str, layer: str | None = None) -> None:
     """Export obj's numbers through prometheus_client's default registry."""
-    default_collector().watch(obj, name)
+    default_collector().watch(obj, name, layer)
 
 
 def unwatch(name: str) -> None:

@@ -2,6 +2,10 @@
 answers equal the cache's own numbers once the load stops."""
 from __future__ import annotations
 
+import re
+import socket
+import time
+
 import pytest
 
 from integrations.prometheus.service import LoadService, main, make_value
@@ -40,14 +44,63 @@ def test_prometheus_scrapes_the_service_and_agrees_with_the_cache(prometheus, ba
             == manager["durations"]["lock"]["buckets"][-1][1]
         assert snap["regenerations"] > 0 and snap["hits"] > 0, "the load purged and regenerated"
         assert service.corrupt == 0
+        # each layer once: the cache's bytes are its manager's, the rules' sum counts them once
+        assert server.query('count(discache_allocated_bytes{layer="cache"})') == 1
+        assert server.query('count(discache_allocated_bytes{layer="manager"})') == 1
+        assert server.query('sum(discache_allocated_bytes{layer!="cache"})') \
+            == manager["allocated_bytes"]
     finally:
         service.close()
 
 
-def test_the_command_line_runs_and_reports(capsys):
-    assert main(["--port", "0", "--seconds", "0.5", "--backend", "madvfree"]) == 0
-    out = capsys.readouterr().out
-    assert "metrics on http://127.0.0.1:" in out and "0 corrupt" in out
+def test_the_command_line_says_where_it_listens_and_reports_as_it_runs(capsys):
+    assert main(["--port", "0", "--seconds", "1.2", "--every", "0.4",
+                 "--backend", "madvfree"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert re.match(r"discache-load-service: metrics on http://127\.0\.0\.1:\d+/metrics for 1\.2 s",
+                    out[0]), out
+    progress = [line for line in out[1:-1] if re.match(r"\s*\d+\.\d s  [\d,]+ operations", line)]
+    assert len(progress) >= 2, out
+    assert re.match(r"discache-load-service: [\d,]+ operations, .* 0 corrupt$", out[-1]), out
+
+
+def test_a_busy_port_or_a_bad_option_is_one_clear_line(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        assert main(["--port", str(busy), "--seconds", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"discache-load-service: cannot serve metrics on 127.0.0.1:{busy}: "
+                   "Address already in use (choose another --port)")
+    for bad in (["--port", "http"], ["--seconds", "-1"], ["--backend", "ashmem"]):
+        with pytest.raises(SystemExit) as exit:
+            main(bad)
+        assert exit.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"discache-load-service: error: argument {bad[0]}: expected ")
+
+
+def test_a_scrape_reads_the_cache_and_its_manager_at_the_same_moment():
+    """The cache is its manager's only user: a scrape during the load must find the same locked
+    bytes on both layers (it used to read the cache mid-sweep, 0, and the manager later)."""
+    service = LoadService(backend="madvfree", keys=300, value_size=8192, maxsize=1 << 20,
+                          limit=2 << 20, idle_every=200, reclaim_every=900, pressure_every=1500)
+    agree = locked = 0
+    try:
+        service.start(seconds=30)
+        for _ in range(20):
+            time.sleep(0.05)
+            samples = {(s.labels["layer"], s.name): s.value
+                       for family in service.exporter.collector.collect()
+                       for s in family.samples if s.name == "discache_locked_bytes"}
+            agree += samples[("cache", "discache_locked_bytes")] \
+                == samples[("manager", "discache_locked_bytes")]
+            locked += samples[("manager", "discache_locked_bytes")] > 0
+    finally:
+        service.close()
+    assert agree >= 17, f"{agree} of 20 scrapes agree"
+    assert service.operations > 1000 and service.corrupt == 0
 
 
 def test_values_are_deterministic():

@@ -37,7 +37,7 @@ def registry():
 
 
 def value(registry, metric, **labels):
-    return registry.get_sample_value(metric, {"name": "images", **labels})
+    return registry.get_sample_value(metric, {"name": "images", "layer": "allocator", **labels})
 
 
 def test_every_series_reports_the_scripted_run(registry):
@@ -168,10 +168,10 @@ def test_module_watch_uses_the_default_registry():
     metrics.watch(cache, "test-default")
     try:
         assert REGISTRY.get_sample_value("discache_cache_hits_total",
-                                         {"name": "test-default"}) == 1
+                                         {"name": "test-default", "layer": "allocator"}) == 1
     finally:
         metrics.unwatch("test-default")
-    assert REGISTRY.get_sample_value("discache_cache_hits_total", {"name": "test-default"}) is None
+    assert REGISTRY.get_sample_value("discache_cache_hits_total", {"name": "test-default", "layer": "allocator"}) is None
 
 
 def test_exposition_passes_promtool_lint(registry):
@@ -218,3 +218,42 @@ def test_a_failing_snapshot_fails_the_scrape(registry):
     DiscacheCollector(registry).watch(source, "broken")
     with pytest.raises(RuntimeError, match="snapshot failed"):
         generate_latest(registry)
+
+
+def test_each_object_is_labelled_with_its_layer(registry):
+    from discache import DiscardableCache, DiscardableMemoryAllocator, DiscardableMemoryManager
+
+    collector = DiscacheCollector(registry)
+    manager = DiscardableMemoryManager(1 << 20, "madvfree")
+    cache = DiscardableCache(1 << 16, manager=manager)
+    cache["k"] = b"v" * 100
+    allocator = DiscardableMemoryAllocator("madvfree")
+    owner = PageTableCache(1)
+    collector.watch(cache, "web")
+    collector.watch(manager, "web-manager")
+    collector.watch(allocator, "raw")
+    collector.watch(owner, "tables")
+    layers = {s.labels["name"]: s.labels["layer"]
+              for family in registry.collect() for s in family.samples}
+    assert layers == {"web": "cache", "web-manager": "manager", "raw": "allocator",
+                      "tables": "allocator"}
+    get = registry.get_sample_value
+    assert get("discache_allocated_bytes", {"name": "web-manager", "layer": "manager"}) \
+        == get("discache_allocated_bytes", {"name": "web", "layer": "cache"}) > 0
+    cache.close()
+
+
+def test_a_layer_may_be_declared_or_given_and_a_bad_one_is_refused(registry):
+    collector = DiscacheCollector(registry)
+    declared = PageTableCache(1)
+    declared.metrics_layer = "cache"
+    collector.watch(declared, "declared")
+    given = PageTableCache(1)
+    collector.watch(given, "given", layer="manager")
+    assert registry.get_sample_value("discache_allocated_bytes",
+                                     {"name": "declared", "layer": "cache"}) is not None
+    assert registry.get_sample_value("discache_allocated_bytes",
+                                     {"name": "given", "layer": "manager"}) is not None
+    with pytest.raises(ValueError, match="layer must be one of cache, manager, allocator"):
+        collector.watch(PageTableCache(1), "bad", layer="kernel")
+    assert set(collector.watched()) == {"declared", "given"}

@@ -78,10 +78,10 @@ def test_a_collected_cache_leaves_the_export():
     collector = DiscacheCollector(registry)
     cache = busy_cache()
     collector.watch(cache, "tiles")
-    assert registry.get_sample_value("discache_cache_hits_total", {"name": "tiles"}) == 1
+    assert registry.get_sample_value("discache_cache_hits_total", {"name": "tiles", "layer": "cache"}) == 1
     del cache
     gc.collect()
-    assert registry.get_sample_value("discache_cache_hits_total", {"name": "tiles"}) is None
+    assert registry.get_sample_value("discache_cache_hits_total", {"name": "tiles", "layer": "cache"}) is None
 
 
 def test_exporter_serves_on_loopback_and_frees_its_port():
@@ -92,7 +92,7 @@ def test_exporter_serves_on_loopback_and_frees_its_port():
         url = f"http://127.0.0.1:{exporter.port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
-        assert 'discache_cache_hits_total{name="tiles"} 1.0' in text
+        assert 'discache_cache_hits_total{layer="cache",name="tiles"} 1.0' in text
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", exporter.port), timeout=5).close()
 

@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from discache.metrics import DiscacheCollector
@@ -51,3 +52,38 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass():
     require()
     assert "SUCCESS" in check_rules(RULES)
     assert "SUCCESS" in rule_unit_tests(RULES_DIR / "rules-test.yml")
+
+
+MEMORY_SERIES = ("discache_allocated_bytes", "discache_locked_bytes", "discache_unlocked_bytes",
+                 "discache_purged_bytes_total", "discache_locks_total",
+                 "discache_operation_duration_seconds_bucket",
+                 "discache_memory_pressure_events_total")
+CACHE_SERIES = ("discache_cache_hits_total", "discache_cache_misses_total",
+                "discache_regenerations_total", "discache_evictions_total")
+SELECTOR = re.compile(r"(discache_[a-z_]+)(\{[^}]*\})?")
+
+
+def selectors(expr):
+    """(series, its label matchers) for every discache series an expression reads."""
+    return [(m.group(1), m.group(2) or "") for m in SELECTOR.finditer(expr)
+            if not expr[:m.start()].endswith(":")]
+
+
+@pytest.mark.parametrize("source", ["rules", "dashboard"])
+def test_every_query_picks_one_layer_so_nothing_is_counted_twice(source):
+    """A cache's memory is part of its manager's: memory, purges, locks, latency and pressure are
+    read from layer!="cache", the cache series from layer="cache"."""
+    if source == "rules":
+        groups = yaml.safe_load(RULES.read_text())["groups"]
+        exprs = [r["expr"] for g in groups for r in g["rules"]]
+    else:
+        exprs = dashboard_queries()
+    seen = set()
+    for expr in exprs:
+        for series, matchers in selectors(expr):
+            seen.add(series)
+            if series in MEMORY_SERIES:
+                assert 'layer!="cache"' in matchers, (series, expr)
+            elif series in CACHE_SERIES:
+                assert 'layer="cache"' in matchers, (series, expr)
+    assert seen & set(MEMORY_SERIES) and seen & set(CACHE_SERIES)

@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 from discache import DiscardableCache, DiscardableMemoryManager, force_reclaim
 from discache.metrics import Exporter
 
+YIELD_EVERY = 10  # operations between two chances for the /metrics thread to run
+
 
 def make_value(key: int, size: int) -> bytes:
     """The deterministic value of a key: what the service regenerates after a purge."""
@@ -34,9 +36,13 @@ class LoadService:
                  value_size: int = 16384, maxsize: int = 24 << 20, limit: int = 32 << 20,
                  idle_every: int = 500, reclaim_every: int = 3000, pressure_every: int = 7000,
                  seed: int = 1) -> None:
-        self.manager = DiscardableMemoryManager(limit, backend)
-        self.cache = DiscardableCache(maxsize, manager=self.manager)
-        self.exporter = Exporter(port)
+        self.exporter = Exporter(port)  # first: a busy port fails before anything is allocated
+        try:
+            self.manager = DiscardableMemoryManager(limit, backend)
+            self.cache = DiscardableCache(maxsize, manager=self.manager)
+        except BaseException:
+            self.exporter.close()
+            raise
         self.exporter.watch(self.cache, "service")
         self.exporter.watch(self.manager, "service-manager")
         self.keys, self.value_size = keys, value_size
@@ -72,7 +78,12 @@ class LoadService:
         """Apply the load for `seconds` or until stop()."""
         deadline = time.monotonic() + seconds
         while not self._stop.is_set() and time.monotonic() < deadline:
-            self.step()
+            for _ in range(YIELD_EVERY):
+                self.step()
+            # Hand the GIL over between operations: a scrape waiting for it then reads the
+            # cache and its manager at rest, not halfway through a sweep (whose madvise would
+            # otherwise be where the GIL changes hands, the entries already flagged unlocked).
+            time.sleep(0)
 
     def start(self, seconds: float = float("inf")) -> "LoadService":
         """Apply the load in a background thread."""
@@ -89,6 +100,13 @@ class LoadService:
             self._thread.join()
             self._thread = None
 
+    def summary(self) -> str:
+        """The counts so far, in one line."""
+        stats = self.cache.stats()
+        return (f"{self.operations:,} operations, {stats['hits']:,} hits, "
+                f"{stats['purges_detected']:,} purges detected, "
+                f"{stats['regenerations']:,} regenerations, {self.corrupt} corrupt")
+
     def close(self) -> None:
         """Stop the load and the /metrics server, free the cache."""
         self.stop()
@@ -98,24 +116,46 @@ class LoadService:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the service from the command line."""
-    parser = argparse.ArgumentParser(prog="discache-load-service", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=int, default=9109, help="/metrics port on 127.0.0.1")
-    parser.add_argument("--seconds", type=float, default=60.0, help="how long to run")
-    parser.add_argument("--backend", default="auto", help="memory backend (default: auto)")
+    from discache.argtypes import one_of, port, seconds
+    from discache.backends import BackendUnavailableError
+    from discache.cli import Parser
+
+    parser = Parser(prog="discache-load-service", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=port, default=9109,
+                        help="/metrics port on 127.0.0.1 (default 9109; 0: any free port)")
+    parser.add_argument("--seconds", type=seconds, default=60.0,
+                        help="how long to run (default 60)")
+    parser.add_argument("--backend", default="auto", type=one_of(("auto", "madvfree", "memfd")),
+                        metavar="{auto,madvfree,memfd}", help="memory backend (default: auto)")
+    parser.add_argument("--every", type=seconds, default=10.0, metavar="SECONDS",
+                        help="print the counts every SECONDS (default 10)")
     args = parser.parse_args(argv)
-    service = LoadService(port=args.port, backend=args.backend)
-    print(f"metrics on {service.url}", flush=True)
     try:
-        service.run(args.seconds)
+        service = LoadService(port=args.port, backend=args.backend)
+    except OSError as error:
+        print(f"{parser.prog}: cannot serve metrics on 127.0.0.1:{args.port}: "
+              f"{error.strerror or error} (choose another --port)", file=sys.stderr)
+        return 2
+    except BackendUnavailableError as error:
+        print(f"{parser.prog}: {error}", file=sys.stderr)
+        return 2
+    print(f"{parser.prog}: metrics on {service.url} for {args.seconds:g} s (Ctrl-C stops)",
+          flush=True)
+    start = time.monotonic()
+    try:
+        while True:
+            left = args.seconds - (time.monotonic() - start)
+            if left <= 0:
+                break
+            service.run(min(left, args.every))
+            if time.monotonic() - start < args.seconds:
+                print(f"{time.monotonic() - start:6.1f} s  {service.summary()}", flush=True)
     except KeyboardInterrupt:
         pass
     finally:
         service.close()
-    stats = service.cache.stats()
-    print(f"{service.operations} operations, {stats['hits']} hits, "
-          f"{stats['purges_detected']} purges detected, {stats['regenerations']} regenerations, "
-          f"{service.corrupt} corrupt")
+    print(f"{parser.prog}: {service.summary()}", flush=True)
     return 1 if service.corrupt else 0
 
 
