@@ -49,7 +49,39 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# libFuzzer's -jobs/-workers write fuzz-N.log into the current directory: this one instead
+# (ignored by git; DISCACHE_FUZZ_LOGS moves it).
+LOG_DIR = os.environ.get("DISCACHE_FUZZ_LOGS") or os.path.join(ROOT, "fuzz", "logs")
+PATH_FLAGS = ("-artifact_prefix", "-exact_artifact_path", "-dict", "-merge_control_file",
+              "-features_dir", "-seed_inputs")
+
+
+def for_parallel_jobs(argv: list[str]) -> list[str]:
+    """argv ready for -jobs/-workers, which run argv[0] again in each worker from the current
+    directory and log there: argv[0], the corpus directories and path flags made absolute, crash
+    files kept where they would have gone, and the run moved into LOG_DIR."""
+    if not any(arg.startswith(("-jobs=", "-workers=")) for arg in argv[1:]):
+        return argv
+    here = os.getcwd()
+    out = [os.path.abspath(argv[0])]
+    for arg in argv[1:]:
+        flag, eq, value = arg.partition("=")
+        if not arg.startswith("-"):
+            arg = os.path.abspath(arg)  # a corpus directory
+        elif eq and flag in PATH_FLAGS and value:
+            paths = [os.path.abspath(v) + (os.sep if v.endswith(os.sep) else "")
+                     for v in value.split(",")]
+            arg = f"{flag}={','.join(paths)}"
+        out.append(arg)
+    if not any(arg.startswith(("-artifact_prefix=", "-exact_artifact_path=")) for arg in out):
+        out.append(f"-artifact_prefix={here}{os.sep}")
+    os.makedirs(LOG_DIR, exist_ok=True)
+    os.chdir(LOG_DIR)
+    return out
+
+
 def main(test_one_input: Callable[[bytes], None]) -> None:
-    """atheris' entry point: python fuzz/fuzz_x.py -atheris_runs=N (or -max_total_time=S)."""
-    atheris.Setup(sys.argv, test_one_input)
+    """atheris' entry point: fuzz/fuzz_x.py -atheris_runs=N (or -max_total_time=S), in parallel
+    with -jobs=N -workers=N (logs in fuzz/logs)."""
+    atheris.Setup(for_parallel_jobs(sys.argv), test_one_input)
     atheris.Fuzz()

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz DiscardableCache: values of every type, pins, sweeps and reclaim; never a wrong value."""
 from __future__ import annotations
 

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz discache.heap.SpanHeap: segments, best-fit allocation and coalescing frees."""
 from __future__ import annotations
 

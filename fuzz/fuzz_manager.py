@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz DiscardableMemoryManager.allocate and its allocations: sizes, limits, lock sequences."""
 from __future__ import annotations
 

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz discache.allocate and DiscardableMemory on every backend: sizes, offsets, lock sequences."""
 from __future__ import annotations
 

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz the compiled PageTable (both strategies, small token counters) against discache.model."""
 from __future__ import annotations
 

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz discache._core.Segment's span methods: spans in and out of range, lock sequences."""
 from __future__ import annotations
 

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz DiscardableSharedMemory: lock/unlock(offset, length) sequences and open(fd, nbytes)."""
 from __future__ import annotations
 

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz discache.sim: one operation sequence on a 'token' and a 'walk' kernel must give the same
 outcomes, and what process 1 observes of its first mapping must obey the volatile-ranges rules."""
 from __future__ import annotations
