@@ -18,7 +18,7 @@ if (SOURCE_TREE / "discache").is_dir() and (SOURCE_TREE / "integrations").is_dir
     # Run from a source checkout (built in place): use it rather than an installed discache.
     sys.path.insert(0, str(SOURCE_TREE))
     from integrations.imagecache import ImageCache
-else:  # copied elsewhere, with pip install discache[image]
+else:  # copied elsewhere: discache installed (pip install -e '.[image]' in its checkout)
     from discache.integrations.imagecache import ImageCache
 
 import discache  # noqa: E402
