@@ -9,13 +9,10 @@ import cachetools
 import pytest
 from PIL import Image
 
-from discache.demo import draw_image
+from discache.demo import draw_image, image_cache_class
 from discache.manager import DiscardableMemoryManager
 
-try:
-    from discache.integrations.imagecache import ImageCache
-except ModuleNotFoundError:  # a source checkout: integrations/ is at the repository's root
-    from integrations.imagecache import ImageCache
+ImageCache = image_cache_class()  # the checkout's, or the installed one
 
 GROUP = "image read, 256x256 RGBA"
 SOURCE = draw_image(1, 256)  # seed 1: RGBA

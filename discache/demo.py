@@ -214,14 +214,20 @@ def _rss() -> int:
         return int(statm.read().split()[1]) * PAGE
 
 
-def _image_cache_class() -> Any:
-    """ImageCache, installed (discache.integrations) or from a source checkout (integrations)."""
-    try:
-        from .integrations.imagecache import ImageCache
-    except ModuleNotFoundError as error:
-        if error.name == "PIL":
-            raise
+def image_cache_class() -> Any:
+    """ImageCache: from the source checkout this discache runs from (its integrations/ at the
+    repository's root), else as installed (discache.integrations).  The checkout comes first:
+    another discache installed in development mode would map discache.integrations elsewhere."""
+    import importlib.util
+
+    checkout = pathlib.Path(__file__).resolve().parent.parent
+    spec = importlib.util.find_spec("integrations") if (checkout / "integrations").is_dir() \
+        else None
+    if spec is not None and spec.origin and \
+            pathlib.Path(spec.origin).resolve().parent.parent == checkout:
         from integrations.imagecache import ImageCache  # type: ignore[no-redef]
+    else:
+        from .integrations.imagecache import ImageCache
     return ImageCache
 
 
@@ -241,7 +247,7 @@ def run_demo(images: int, size: int, backend: str = "auto", reclaim: float = 1 /
     compare every image with its file; returns the numbers.  on_phase(name, image_cache) is
     called as each phase starts (for metrics exporters and tests), on_done(result, image_cache)
     at the end, before the cache is closed."""
-    ImageCache = _image_cache_class()
+    ImageCache = image_cache_class()
     progress = progress or (lambda label, total: Progress(label, total, sys.stderr, False))
     bitmap_bound = images * (size * size * 4 + 1088)  # RGBA pixels, header and palette
     limit = max(default_limit(), bitmap_bound + (bitmap_bound >> 2))
