@@ -132,7 +132,7 @@ def test_simulate_command_default_run_reproduces_the_claims(capsys):
 
 def test_simulate_command_prints_tables(capsys):
     assert main(["simulate", "--workload-only", "--steps", "300", "--designs",
-                 "token+sigbus,madv_free"]) == 0
+                 "token+sigbus,madv_free", "--wide"]) == 0
     out = capsys.readouterr().out
     assert "token+sigbus" in out and "madv_free" in out and "walk+sigbus" not in out
     assert "unmark visits/call" in out
@@ -153,13 +153,17 @@ def test_simulate_command_reports_bad_input(tmp_path, capsys):
     path.write_text("spawn app\nmmap app\n")
     assert main(["simulate", "--trace", str(path)]) == 2
     assert "bad.trace:2: mmap takes 3 arguments" in capsys.readouterr().err
-    assert main(["simulate", "--designs", "fastest"]) == 2
-    assert "unknown design(s) fastest" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
+        main(["simulate", "--designs", "fastest"])
+    assert exit.value.code == 2
+    assert "argument --designs: expected a comma-separated list of walk+sigbus" in \
+        capsys.readouterr().err
     assert main(["simulate", "--trace", str(tmp_path / "missing.trace")]) == 2
     assert "No such file" in capsys.readouterr().err
     path.write_text("spawn app\nmmap app big 100\nwrite app big 0 100\n")
     assert main(["simulate", "--trace", str(path), "--ram-pages", "16", "--workload-only"]) == 1
-    assert "MemoryError" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "simulated RAM is full (16 pages)" in err, "said once"
 
 
 def test_the_trace_example_of_the_docs(tmp_path):
