@@ -37,10 +37,11 @@ dashboard in integrations/prometheus do).  An object may declare its layer with 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 import threading
 import weakref
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 from prometheus_client.core import (REGISTRY, CollectorRegistry, CounterMetricFamily,
                                     GaugeMetricFamily, HistogramMetricFamily, Metric)
@@ -134,8 +135,12 @@ def _bound_text(bound: float) -> str:
 class DiscacheCollector:
     """Exports the snapshots of watched discache objects; registers itself like GCCollector."""
 
-    def __init__(self, registry: CollectorRegistry | None = REGISTRY, latency: bool = True):
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY, latency: bool = True,
+                 hold: Callable[[], ContextManager[Any]] | None = None):
+        """hold(), if given, is entered around the snapshots of each scrape: an application whose
+        threads change the watched objects can make a scrape see them between operations."""
         self.latency = latency
+        self.hold = hold
         self._watched: dict[str, weakref.ref] = {}
         self._layers: dict[str, str] = {}
         # reentrant: a weakref callback may run (garbage collection) while the lock is held
@@ -198,8 +203,11 @@ class DiscacheCollector:
         """One family per series, with a sample per watched object that reports it."""
         with self._lock:
             layers = dict(self._layers)
-        return self._families([((name, layers.get(name, "allocator")), obj.metrics_snapshot())
-                               for name, obj in sorted(self.watched().items())])
+        watched = sorted(self.watched().items())
+        with self.hold() if self.hold is not None else contextlib.nullcontext():
+            snapshots = [((name, layers.get(name, "allocator")), obj.metrics_snapshot())
+                         for name, obj in watched]
+        return self._families(snapshots)
 
     def _families(self, snapshots: list[tuple[tuple[str, str], dict[str, Any]]]
                   ) -> Iterator[Metric]:
@@ -238,11 +246,12 @@ class DiscacheCollector:
 class Exporter:
     """A /metrics HTTP server (prometheus_client's) of its own registry and DiscacheCollector."""
 
-    def __init__(self, port: int, addr: str = "127.0.0.1", latency: bool = True):
+    def __init__(self, port: int, addr: str = "127.0.0.1", latency: bool = True,
+                 hold: Callable[[], ContextManager[Any]] | None = None):
         from prometheus_client import start_http_server
 
         self.registry = CollectorRegistry()
-        self.collector = DiscacheCollector(self.registry, latency)
+        self.collector = DiscacheCollector(self.registry, latency, hold)
         self._server, self._thread = start_http_server(port, addr, registry=self.registry)
         self.addr = addr
         self.port: int = self._server.server_port  # the port chosen when 0 was asked

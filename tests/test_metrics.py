@@ -257,3 +257,27 @@ def test_a_layer_may_be_declared_or_given_and_a_bad_one_is_refused(registry):
     with pytest.raises(ValueError, match="layer must be one of cache, manager, allocator"):
         collector.watch(PageTableCache(1), "bad", layer="kernel")
     assert set(collector.watched()) == {"declared", "given"}
+
+
+def test_hold_is_entered_around_all_the_snapshots_of_a_scrape(registry):
+    import contextlib
+
+    events = []
+
+    @contextlib.contextmanager
+    def hold():
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    class Source(PageTableCache):
+        def metrics_snapshot(self):
+            events.append("snapshot")
+            return super().metrics_snapshot()
+
+    collector = DiscacheCollector(registry, hold=hold)
+    first, second = Source(1), Source(1)
+    collector.watch(first, "a")
+    collector.watch(second, "b")
+    generate_latest(registry)
+    assert events == ["enter", "snapshot", "snapshot", "exit"]

@@ -8,17 +8,56 @@ file, and watch the cache serve, go idle, lose entries to the kernel and regener
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import random
 import sys
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from discache import DiscardableCache, DiscardableMemoryManager, force_reclaim
 from discache.metrics import Exporter
 
-YIELD_EVERY = 10  # operations between two chances for the /metrics thread to run
+BATCH = 10  # operations between two chances for a scrape to read the cache and its manager
+
+
+class Quiet:
+    """Lets a scrape read while the load is between operations: the load runs batches inside
+    `working()`, a scrape reads inside `reading()`, and a waiting scrape goes first."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._working = False
+        self._readers = 0
+
+    @contextlib.contextmanager
+    def working(self) -> Iterator[None]:
+        """One batch of operations; waits while a scrape reads or waits to."""
+        with self._changed:
+            while self._readers:
+                self._changed.wait()
+            self._working = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._working = False
+                self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """A scrape: waits for the batch under way to end, holds the next one off."""
+        with self._changed:
+            self._readers += 1
+            while self._working:
+                self._changed.wait()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._readers -= 1
+                self._changed.notify_all()
 
 
 def make_value(key: int, size: int) -> bytes:
@@ -36,7 +75,9 @@ class LoadService:
                  value_size: int = 16384, maxsize: int = 24 << 20, limit: int = 32 << 20,
                  idle_every: int = 500, reclaim_every: int = 3000, pressure_every: int = 7000,
                  seed: int = 1) -> None:
-        self.exporter = Exporter(port)  # first: a busy port fails before anything is allocated
+        self.quiet = Quiet()
+        # first: a busy port fails before anything is allocated
+        self.exporter = Exporter(port, hold=self.quiet.reading)
         try:
             self.manager = DiscardableMemoryManager(limit, backend)
             self.cache = DiscardableCache(maxsize, manager=self.manager)
@@ -78,12 +119,11 @@ class LoadService:
         """Apply the load for `seconds` or until stop()."""
         deadline = time.monotonic() + seconds
         while not self._stop.is_set() and time.monotonic() < deadline:
-            for _ in range(YIELD_EVERY):
-                self.step()
-            # Hand the GIL over between operations: a scrape waiting for it then reads the
-            # cache and its manager at rest, not halfway through a sweep (whose madvise would
-            # otherwise be where the GIL changes hands, the entries already flagged unlocked).
-            time.sleep(0)
+            # A scrape reads between batches, never halfway through a sweep (whose madvise
+            # releases the GIL with the entries flagged unlocked and the manager not yet told).
+            with self.quiet.working():
+                for _ in range(BATCH):
+                    self.step()
 
     def start(self, seconds: float = float("inf")) -> "LoadService":
         """Apply the load in a background thread."""
