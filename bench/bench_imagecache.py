@@ -81,3 +81,17 @@ def bench_lrucache_of_images(benchmark):
     images = cachetools.LRUCache(maxsize=16)
     images["k"] = SOURCE.copy()
     assert benchmark(images.__getitem__, "k").size == SOURCE.size
+
+
+def bench_cache_view_alone(benchmark):
+    """What view_image and get spend in DiscardableCache.view(key) (enter and exit) for the same
+    entry: the part of their cost the image cache does not control."""
+    mark(benchmark, "image-part", "DiscardableCache.view(key) alone[madvfree]")
+    cache = make("madvfree")
+
+    def view():
+        with cache.cache.view("k") as data:
+            return data.nbytes
+
+    assert benchmark(view) == 64 + len(PIXELS)
+    cache.close()
