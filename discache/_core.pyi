@@ -245,47 +245,6 @@ class SpanBuffer:
     def __init__(self, segment: Segment, offset: int, size: int) -> None: ...
     def __buffer__(self, flags: int) -> memoryview: ...
 
-SWEEP_EVERY: int
-
-def mmh3_shard_hash(key: Hashable) -> int: ...
-
-class CacheEntry:
-    """One cached value: its memory, size, lock state and place in the LRU list."""
-
-    key: Hashable
-    mem: Any
-    size: int
-    weight: int
-    locked: bool
-    used: bool
-    pins: int
-    checksum: bytes | None
-    def bind(self, mem: Any, address: int) -> None: ...
-
-class CacheShard:
-    """A lock, a dict of entries and their LRU list."""
-
-    entries: dict[Hashable, CacheEntry]
-    lock: Any
-    ops: int
-    hits: int
-    misses: int
-    purged_keys: dict[Hashable, None]
-    def add(self, entry: CacheEntry) -> None: ...
-    def remove(self, key: Hashable) -> CacheEntry: ...
-    def touch(self, entry: CacheEntry) -> None: ...
-    def lru(self) -> list[CacheEntry]: ...
-    def oldest_unpinned(self) -> CacheEntry | None: ...
-
-class CacheCore:
-    """Base of DiscardableCache: the shards and the hit path."""
-
-    def _init_shards(self, count: int) -> None: ...
-    @property
-    def _shards(self) -> list[CacheShard]: ...
-    def _shard(self, key: Hashable) -> CacheShard: ...
-    def get(self, key: Hashable, default: Any = None) -> Any: ...
-
 RECLAIM_ATTEMPTS: int
 
 def reclaim_unlocked(
