@@ -20,7 +20,7 @@ Cases ported (44 per backend; A = adapted, see the comment at each adaptation)
     test_lru A, test_lru_getsizeof A, test_lru_update_existing A, test_lru_clear A
   test_cached.py DecoratorTestMixin + CacheWrapperTest (class TestCached), 23:
     test_decorator A, test_decorator_typed A, test_decorator_lock A, test_decorator_cond A,
-    test_decorator_lock_cond A, test_decorator_cond_error, test_decorator_wrapped A,
+    test_decorator_lock_cond A, test_decorator_cond_error A, test_decorator_wrapped A,
     test_decorator_attributes A, test_decorator_attributes_lock A, test_decorator_attributes_cond A,
     test_decorator_clear A, test_decorator_clear_lock A, test_decorator_clear_cond A,
     test_decorator_info A, test_decorator_lock_info A, test_decorator_cond_info A,
@@ -33,6 +33,7 @@ Cases ported (44 per backend; A = adapted, see the comment at each adaptation)
     CustomCacheTest.test_decorator_info A (as test_custom_cache_decorator_info),
     InvalidCacheTest.test_decorator, InvalidCacheTest.test_decorator_info
     (as test_invalid_cache_decorator, test_invalid_cache_decorator_info)
+  Added, 1: TestCached.test_decorator_cond_waits_for_the_caller_computing_the_key (see 6).
   Not rerun: cachetools runs DecoratorTestMixin's 13 cases a second and third time over a plain
   dict (DictTest) and a duck-typed mapping (CustomCacheTest).  discache.cached memoizes into a
   DiscardableCache, so those runs would repeat TestCached's 13 cases exactly; their one
@@ -41,7 +42,8 @@ Cases ported (44 per backend; A = adapted, see the comment at each adaptation)
 Adaptations (what a bytes cache forces; each is commented where it is made)
   1. Values are bytes.  cachetools' integer value n becomes one(n) = one byte holding n where every
      value weighs 1 (cachetools' default getsizeof), and sized(n) = n bytes where the test uses
-     getsizeof=lambda x: x; string values "a", "b", "updated" become one byte each.
+     getsizeof=lambda x: x; string values "a", "b", "updated" become one byte each.  (one(n)
+     wraps at 256: test_pickle_maxsize's 2000 values repeat, which nothing there depends on.)
   2. Sizes are bytes.  getsizeof=lambda x: x over int values becomes getsizeof=len over sized()
      values (same sizes); maxsize keeps cachetools' number, now in bytes, so the same number of
      entries fit.  test_defaults asks the default getsizeof about bytes values (it weighs bytes,
@@ -55,7 +57,8 @@ Adaptations (what a bytes cache forces; each is commented where it is made)
   6. Condition waits: cachetools 8.0.2's cached() waits only while another caller computes the
      same key (`while key in pending: cond.wait()`); the stored v8.0 test counted one wait_for per
      call.  CountedCondition counts real waits (wait(), or wait_for with a false predicate), so the
-     expected wait_count is 0 in these single-threaded tests (what cachetools 8.0.2 gives).
+     expected wait_count is 0 in these single-threaded tests (what cachetools 8.0.2 gives); one
+     added two-thread case checks that a caller does wait while another computes its key.
   7. The decorated functions return one(count) instead of count.
   8. DictTest / CustomCacheTest have no dict or duck-typed cache to wrap (see above): their
      test_decorator_info checks the nearest thing, cache_info over a large cache of 3-byte values
@@ -66,6 +69,11 @@ trying to break it" list: equal keys are one entry (str subclass, numpy.str_), a
 shape (1, 8 MiB) weighs its nbytes, a getsizeof returning a float or a negative number raises and
 leaks nothing, and copy/deepcopy/pickle give independent caches with the same settings and the
 live entries in LRU order.
+
+Checked when porting: with DiscardableCache and cached swapped for cachetools 8.0.2's LRUCache
+(weighing values by nbytes, storing them as bytes) and cachetools.cached, every ported and added
+case of TestCacheMixin, TestLRU and TestCached passes, so a failure here is a behaviour of
+discache that differs from cachetools', not an artefact of the port.
 """
 import copy
 import pickle
@@ -752,6 +760,47 @@ class TestCached:
         # ADAPTED (6): wait_count 2 -> 0.
         assert cond.wait_count == 0
         assert cond.notify_count == 2
+
+    def test_decorator_cond_waits_for_the_caller_computing_the_key(self):
+        # ADDED for adaptation (6): with wait_count 0 in the single-threaded cases, this checks
+        # the waiting itself: a second caller of the same key waits on the condition while the
+        # first computes it, then returns the first one's value without calling the function.
+        import threading
+
+        class RecordingCondition(threading.Condition):
+            def __init__(self):
+                super().__init__()
+                self.waiting = threading.Event()
+
+            def wait(self, timeout=None):
+                self.waiting.set()
+                return super().wait(timeout)
+
+        cond = RecordingCondition()
+        computing, release = threading.Event(), threading.Event()
+        calls = []
+
+        def slow(*args):
+            calls.append(args)
+            computing.set()
+            assert release.wait(30)
+            return b"slow"
+
+        wrapper = cached(self.cache(8), condition=cond)(slow)
+        results = []
+        first = threading.Thread(target=lambda: results.append(wrapper(0)), daemon=True)
+        second = threading.Thread(target=lambda: results.append(wrapper(0)), daemon=True)
+        try:
+            first.start()
+            assert computing.wait(30)
+            second.start()
+            assert cond.waiting.wait(30)
+        finally:
+            release.set()
+        first.join(30)
+        second.join(30)
+        assert results == [b"slow", b"slow"]
+        assert calls == [(0,)]
 
     def test_decorator_wrapped(self):
         cache = self.cache(2)
