@@ -26,7 +26,6 @@ from ._cache import SIZE_CLASSES  # noqa: E402,F811  (filled by init_classes)
 EVICTION_REASONS = ("size", "purged", "explicit")
 PURGED_KEYS_KEPT = 65536  # purged keys remembered, only to count their regeneration
 IDLE_TICKS = 2  # ticks per idle_unlock: an entry is unlocked within 1.5 x idle_unlock of its use
-MIN_IDLE_UNLOCK = 0.001
 
 
 class CacheInfo(NamedTuple):
@@ -58,9 +57,9 @@ def _idle_seconds(value: Any) -> Optional[float]:
             value, "__float__"):
         raise TypeError(f"idle_unlock must be a number of seconds or None, got {value!r}")
     seconds = float(value)
-    if not math.isfinite(seconds) or seconds < MIN_IDLE_UNLOCK:
-        raise ValueError(f"idle_unlock must be a finite number of seconds >= {MIN_IDLE_UNLOCK} "
-                         f"(or None: no idle timer), got {value!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"idle_unlock must be a finite number of seconds >= 0 (0: unlock right "
+                         f"after each use; None: no idle timer), got {value!r}")
     return seconds
 
 
@@ -432,10 +431,12 @@ class DiscardableCache(CacheCore, MutableMapping):
     # ------------------------------------------------------------------ slabs
 
     def _new_slab(self, size_class: int, size: int) -> Slab:
+        if size_class >= 0:
+            slot_size, pages, slots = SIZE_CLASSES[size_class]
+            if pages * PAGE > self.manager.limit:  # a tiny manager: one value a slab then
+                size_class = -1
         if size_class < 0:
             slot_size, pages, slots = -(-size // PAGE) * PAGE, -(-size // PAGE), 1
-        else:
-            slot_size, pages, slots = SIZE_CLASSES[size_class]
         mem = self.manager.allocate(pages * PAGE)
         slab = Slab(mem, size_class, slot_size, slots)
         slab.last_used = idle_clock()
@@ -745,24 +746,29 @@ def cached(cache: DiscardableCache, key: Callable[..., Hashable] = hashkey,
                 return value
 
         def cache_info() -> CacheInfo:
-            return CacheInfo(hits, misses, cache.maxsize, cache.currsize)
+            if lock is None:
+                return CacheInfo(hits, misses, cache.maxsize, cache.currsize)
+            with lock:
+                return CacheInfo(hits, misses, cache.maxsize, cache.currsize)
 
         def cache_clear() -> None:
             nonlocal hits, misses
             if lock is None:
                 cache.clear()
+                hits = misses = 0
             else:
                 with lock:
                     cache.clear()
-            hits = misses = 0
+                    hits = misses = 0
 
         wrapper = functools.update_wrapper(wrapper, function)
         wrapper.cache = cache  # type: ignore[attr-defined]
         wrapper.cache_key = key  # type: ignore[attr-defined]
         wrapper.cache_lock = lock  # type: ignore[attr-defined]
         wrapper.cache_condition = condition  # type: ignore[attr-defined]
-        wrapper.cache_info = cache_info  # type: ignore[attr-defined]
         wrapper.cache_clear = cache_clear  # type: ignore[attr-defined]
+        if info:  # as cachetools: cache_info() only when asked for
+            wrapper.cache_info = cache_info  # type: ignore[attr-defined]
         return wrapper
 
     return decorator

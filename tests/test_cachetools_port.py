@@ -598,11 +598,19 @@ class CountedCondition(CountedLock):
 
 
 def same_keys_as_hashkey(key):
-    """True if `key` makes the keys cachetools.keys.hashkey makes (adaptation 5)."""
-    calls = [((0,), {}), ((1,), {}), ((1.0,), {}), ((1, "x"), {"a": 2}), ((), {"b": (3,)})]
-    return all(key(*a, **kw) == cachetools.keys.hashkey(*a, **kw)
-               and hash(key(*a, **kw)) == hash(cachetools.keys.hashkey(*a, **kw))
-               for a, kw in calls)
+    """True if `key` makes the keys cachetools.keys.hashkey makes (adaptation 5): the same plain
+    tuples for positional arguments; with keyword arguments the separator is each library's own
+    object (discache does not import cachetools), so there the properties are compared: keys
+    independent of keyword order, distinct from positional calls, equal for equal calls."""
+    calls = [((0,), {}), ((1,), {}), ((1.0,), {}), ((1, "x"), {})]
+    positional = all(key(*a, **kw) == cachetools.keys.hashkey(*a, **kw)
+                     and hash(key(*a, **kw)) == hash(cachetools.keys.hashkey(*a, **kw))
+                     for a, kw in calls)
+    keywords = (key(1, a=2, b=3) == key(1, b=3, a=2)
+                and hash(key(1, a=2, b=3)) == hash(key(1, b=3, a=2))
+                and key(1, a=2) != key(1, "a", 2) and key(1, a=2) != key(1, a=3)
+                and key(b=(3,)) == key(b=(3,)))
+    return positional and keywords
 
 
 class TestCached:
