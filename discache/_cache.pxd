@@ -23,7 +23,8 @@ cdef class CacheEntry:
     cdef public Py_ssize_t slot
     cdef public Py_ssize_t size
     cdef public Py_ssize_t weight     # getsizeof(value)
-    cdef public int pins
+    cdef public int pins              # pin() calls and live views
+    cdef public int views             # live views (buffers handed out by view())
     cdef public bint linked           # in the LRU list (a hit may move it)
     cdef public object checksum
     cdef CacheEntry prev              # the LRU list: least recently used first

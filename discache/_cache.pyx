@@ -148,7 +148,7 @@ cdef class EntryView:
         self.exports -= 1
         if self.exports == 0 and self.owner is not None:
             owner, self.owner = self.owner, None
-            owner._unpin_entry(self.entry)
+            owner._unpin_entry(self.entry, True)
 
 
 cdef class CacheCore:

@@ -314,6 +314,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         stays pinned while the view, or any slice of it, lives."""
         with self.lock_:
             entry = self._pin(key)
+            entry.views += 1
             self._touch(entry)
             if entry.slab is not None:
                 entry.slab.used = True
@@ -334,10 +335,10 @@ class DiscardableCache(CacheCore, MutableMapping):
     def unpin(self, key: Hashable) -> None:
         """Undo one pin."""
         with self.lock_:
-            entry = self.entries_.get(key)
-            if entry is None or entry.pins == 0:
+            entry = self.entries_[key]
+            if entry.pins - entry.views == 0:
                 raise ValueError(f"{key!r} is not pinned")
-        self._unpin_entry(entry)
+            self._unpin_entry(entry)
 
     def _pin(self, key: Hashable) -> CacheEntry:
         entry = self.entries_.get(key)
@@ -348,10 +349,11 @@ class DiscardableCache(CacheCore, MutableMapping):
             entry.slab.pins += 1
         return entry
 
-    def _unpin_entry(self, entry: CacheEntry) -> None:
+    def _unpin_entry(self, entry: CacheEntry, view: bool = False) -> None:
         """One pin (or the last buffer of a view) of entry gone."""
         with self.lock_:
             entry.pins -= 1
+            entry.views -= view
             slab = entry.slab
             if slab is None:
                 return
@@ -553,6 +555,11 @@ class DiscardableCache(CacheCore, MutableMapping):
         with self.lock_:
             for entry in self._lru():
                 self._forget(entry)
+                # pin() calls end with the cache's entries (no key can be unpinned any more);
+                # live views keep their slab until they end.
+                if entry.slab is not None:
+                    entry.slab.pins -= entry.pins - entry.views
+                entry.pins = entry.views
             self.currsize_ = 0
             for slab in list(self._slabs):
                 if slab.pins:

@@ -412,7 +412,7 @@ def test_pin_and_unpin(backend):
     cache.unpin("a")
     with pytest.raises(ValueError, match="not pinned"):
         cache.unpin("a")
-    with pytest.raises(ValueError, match="not pinned"):
+    with pytest.raises(KeyError):
         cache.unpin("missing")
     with pytest.raises(KeyError):
         cache.pin("b")
