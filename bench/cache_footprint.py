@@ -56,7 +56,7 @@ def fill(size: int, total: int, max_rss: int) -> dict:
     stats = manager.stats()
     figures = {"size": size, "entries": len(cache), "currsize": cache.currsize,
                "allocated": stats["allocated_bytes"], "rss_growth": grown, "stopped": stopped,
-               "evicted": cache.stats()["evictions_size"]}
+               "evicted": cache.stats().get("evictions_size", 0)}
     cache.close()
     return figures
 
