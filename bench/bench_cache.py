@@ -341,6 +341,26 @@ def bench_cachetools_get_among_1k(benchmark):
     assert all(cache.get(key) == SMALL_VALUE for key in keys)
 
 
+@pytest.fixture(scope="module")
+def scale_dicts(scale_caches):
+    """{entries: (dict, working set)} of the scale caches' sizes: the memory hierarchy's share."""
+    return {entries: ({f"k{i}": SMALL_VALUE for i in range(entries)}, keys)
+            for entries, (_, keys) in scale_caches.items()}
+
+
+@pytest.mark.parametrize("size", ["1k", "large"])
+def bench_dict_get_among_n(benchmark, scale_dicts, size):
+    """A control, no target: a plain dict's get slows down at 1M entries too (caches, TLB)."""
+    small, large = sorted(scale_dicts)
+    entries = small if size == "1k" else large
+    mark(benchmark, "get hit among N entries, 100 B values", "cache-hit-scale",
+         f"dict, {entries:,} entries", f"dict, {small:,} entries" if size == "large" else None,
+         ops=WORKING_SET, entries=entries, nbytes=len(SMALL_VALUE))
+    table, keys = scale_dicts[entries]
+    benchmark(get_batch(table.get, keys))
+    assert all(table.get(key) is SMALL_VALUE for key in keys)
+
+
 # ---------------------------------------------------------------- the first hit on an idle entry
 
 
