@@ -44,6 +44,8 @@ cdef class CacheCore:
     cdef public object lock_
     cdef public object purged_keys_   # keys found purged, until stored again (regenerations)
     cdef public list events_          # (key, reason) to report once the lock is released
+    cdef public Py_ssize_t evicted_for_size_
+    cdef public object on_evict_
 
     cdef void _unlink(self, CacheEntry entry) noexcept
     cdef void _append(self, CacheEntry entry) noexcept
@@ -53,3 +55,4 @@ cdef class CacheCore:
     cdef Slab _claim(self, Py_ssize_t size, CacheEntry entry)
     cdef int _write(self, Slab slab, Py_ssize_t slot, const char *data, Py_ssize_t size) except -1
     cdef list _evict_over(self, CacheEntry keep)
+    cdef void _release_slot(self, CacheEntry entry) except *

@@ -13,6 +13,7 @@ from cpython.buffer cimport (PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_FillInfo, Py
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_GetItemWithError
 from cpython.object cimport PyObject
+from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
 from .errors import PinnedError
@@ -24,7 +25,8 @@ MAX_SLAB_PAGES = 64
 MIN_SLOT = 16
 
 cdef Py_ssize_t PAGE_C = 0
-cdef list CLASS_SIZES = []  # slot size of each class, ascending
+cdef Py_ssize_t *CLASS_SIZES = NULL  # slot size of each class, ascending
+cdef Py_ssize_t NCLASSES = 0
 cdef Py_ssize_t MAX_CLASS_SIZE = 0
 
 
@@ -57,22 +59,28 @@ SIZE_CLASSES: list = []
 
 def init_classes(Py_ssize_t page) -> None:
     """Build the class table for the page size (called once at import by discache.cache)."""
-    global PAGE_C, CLASS_SIZES, MAX_CLASS_SIZE, SIZE_CLASSES
-    SIZE_CLASSES = size_classes(page)
+    global PAGE_C, CLASS_SIZES, NCLASSES, MAX_CLASS_SIZE, SIZE_CLASSES
+    classes = size_classes(page)
+    sizes = <Py_ssize_t *>malloc(len(classes) * sizeof(Py_ssize_t))
+    if sizes == NULL:
+        raise MemoryError()
+    for i, (size, _, _) in enumerate(classes):
+        sizes[i] = size
+    free(CLASS_SIZES)
+    CLASS_SIZES, NCLASSES, SIZE_CLASSES = sizes, len(classes), classes
     PAGE_C = page
-    CLASS_SIZES = [size for size, _, _ in SIZE_CLASSES]
-    MAX_CLASS_SIZE = CLASS_SIZES[-1]
+    MAX_CLASS_SIZE = sizes[NCLASSES - 1]
 
 
 cpdef Py_ssize_t class_for(Py_ssize_t size):
     """The smallest class whose slot holds size bytes; -1: larger than every class (a slab of
     its own)."""
-    cdef Py_ssize_t lo = 0, hi = len(CLASS_SIZES), mid
+    cdef Py_ssize_t lo = 0, hi = NCLASSES, mid
     if size > MAX_CLASS_SIZE:
         return -1
     while lo < hi:
         mid = (lo + hi) >> 1
-        if <Py_ssize_t>CLASS_SIZES[mid] < size:
+        if CLASS_SIZES[mid] < size:
             lo = mid + 1
         else:
             hi = mid
@@ -162,8 +170,9 @@ cdef class CacheCore:
 
     def __setitem__(self, key, value):
         evicted = self._store(key, value)
-        if evicted is not None:
-            self._report(evicted, "size")
+        if evicted is not None and self.on_evict_ is not None:
+            for victim in evicted:
+                self.on_evict_(victim, "size")
         if self.events_:
             self._flush()
 
@@ -229,7 +238,7 @@ cdef class CacheCore:
     def _detach(self, CacheEntry entry) -> None:
         """Take an entry out of the LRU list and the dict, and free its slot (lock held)."""
         self._forget(entry)
-        self._free_slot(entry)
+        self._release_slot(entry)
 
     # ------------------------------------------------------------------ reads
 
@@ -349,7 +358,7 @@ cdef class CacheCore:
         self.currsize_ += weight
         if old is not None:
             self.currsize_ -= old.weight
-            self._free_slot(old)
+            self._release_slot(old)
         return self._evict_over(entry)
 
     cdef bint _fits(self, CacheEntry old, Py_ssize_t size):
@@ -409,6 +418,9 @@ cdef class CacheCore:
 
     def _free_slot(self, CacheEntry entry) -> None:
         """Give an entry's slot back to its slab (the entry is out of the dict and the list)."""
+        self._release_slot(entry)
+
+    cdef void _release_slot(self, CacheEntry entry) except *:
         cdef Slab slab = entry.slab
         if slab is None:
             return
@@ -434,7 +446,8 @@ cdef class CacheCore:
             self._unlink(victim)
             del self.entries_[victim.key]
             self.currsize_ -= victim.weight
-            self._free_slot(victim)
+            self._release_slot(victim)
+            self.evicted_for_size_ += 1
             if evicted is None:
                 evicted = []
             evicted.append(victim.key)

@@ -104,7 +104,7 @@ class DiscardableCache(CacheCore, MutableMapping):
             self.getsizeof = getsizeof  # type: ignore[method-assign]
         self.default_size = getsizeof is None and type(self).getsizeof is DiscardableCache.getsizeof
         self.verify = bool(verify)
-        self.on_evict = on_evict
+        self.on_evict_ = on_evict
         self.idle_unlock = idle_unlock
         self.lock_ = threading.RLock()
         self.partial_ = [[] for _ in SIZE_CLASSES]
@@ -112,7 +112,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         self._locked_slabs: set[Slab] = set()
         self._scheduled = False  # an idle tick is pending
         self.purged_keys_ = OrderedDict()
-        self.evictions = {reason: 0 for reason in EVICTION_REASONS}
+        self._evictions = {reason: 0 for reason in EVICTION_REASONS if reason != "size"}
         self.regenerations = 0
         self.purges_detected = 0
         self.purged_bytes = 0  # bytes of slabs found purged
@@ -131,6 +131,16 @@ class DiscardableCache(CacheCore, MutableMapping):
         """The size of a value: its bytes (a subclass or the getsizeof argument may say else)."""
         with memoryview(value) as view:
             return view.nbytes
+
+    @property
+    def on_evict(self) -> Optional[Callable[[Hashable, str], None]]:
+        """Called as on_evict(key, reason) for every entry leaving other than by close()."""
+        return self.on_evict_
+
+    @property
+    def evictions(self) -> dict[str, int]:
+        """Entries evicted, by reason ("size", "purged", "explicit")."""
+        return {"size": self.evicted_for_size_, **self._evictions}
 
     @property
     def maxsize(self) -> int:
@@ -533,10 +543,10 @@ class DiscardableCache(CacheCore, MutableMapping):
         if not keys:
             return
         with self.lock_:
-            self.evictions[reason] += len(keys)
-        if self.on_evict is not None:
+            self._evictions[reason] += len(keys)
+        if self.on_evict_ is not None:
             for key in keys:
-                self.on_evict(key, reason)
+                self.on_evict_(key, reason)
 
     def _flush(self) -> None:
         """Report the purges found under the lock, now that it is released."""
