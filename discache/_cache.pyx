@@ -117,6 +117,18 @@ cdef class Slab:
 cdef class CacheEntry:
     """One cached value: where its bytes are, its sizes, pins and place in the LRU list."""
 
+    def change_pins(self, int delta, bint view=False) -> int:
+        """Add delta pins (views if view) to the entry and its slab, atomically under the GIL
+        (a view's last buffer may go in any thread, without the cache's lock); returns the
+        slab's pins left, -1 without a slab."""
+        self.pins += delta
+        if view:
+            self.views += delta
+        if self.slab is None:
+            return -1
+        self.slab.pins += delta
+        return self.slab.pins
+
     @property
     def offset(self) -> int:
         """Byte offset of the value in its slab's memory."""
@@ -153,10 +165,12 @@ cdef class EntryView:
         self.exports += 1
 
     def __releasebuffer__(self, Py_buffer *buffer):
+        cdef Slab slab = self.entry.slab
         self.exports -= 1
         if self.exports == 0 and self.owner is not None:
             owner, self.owner = self.owner, None
-            owner._unpin_entry(self.entry, True)
+            if self.entry.change_pins(-1, True) == 0:
+                owner._last_pin_gone(slab)
 
 
 cdef class CacheCore:

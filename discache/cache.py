@@ -111,6 +111,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         self._slabs: set[Slab] = set()  # every open slab
         self._locked_slabs: set[Slab] = set()
         self._scheduled = False  # an idle tick is pending
+        self._orphans: list[Slab] = []  # slabs whose last pin went while the lock was busy
         self.purged_keys_ = OrderedDict()
         self._evictions = {reason: 0 for reason in EVICTION_REASONS if reason != "size"}
         self.regenerations = 0
@@ -118,7 +119,6 @@ class DiscardableCache(CacheCore, MutableMapping):
         self.purged_bytes = 0  # bytes of slabs found purged
         self.relocks = 0  # slabs locked again intact
         self.too_large = 0  # values get_or_create and cached returned without storing
-        self._closed = False
         # A cache dropped without close() gives its memory back.
         self._finalizer = weakref.finalize(self, _close_slabs, self._slabs)
         manager.register_cache(self)
@@ -323,8 +323,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         """Zero-copy read-only access to the entry; KeyError if missing or purged.  The entry
         stays pinned while the view, or any slice of it, lives."""
         with self.lock_:
-            entry = self._pin(key)
-            entry.views += 1
+            entry = self._pin(key, view=True)
             self._touch(entry)
             if entry.slab is not None:
                 entry.slab.used = True
@@ -348,32 +347,37 @@ class DiscardableCache(CacheCore, MutableMapping):
             entry = self.entries_[key]
             if entry.pins - entry.views == 0:
                 raise ValueError(f"{key!r} is not pinned")
-            self._unpin_entry(entry)
+            if entry.change_pins(-1) == 0:
+                self._last_pin_gone(entry.slab)
 
-    def _pin(self, key: Hashable) -> CacheEntry:
+    def _pin(self, key: Hashable, view: bool = False) -> CacheEntry:
         entry = self.entries_.get(key)
         if entry is None or not self._ensure_locked(entry):
             raise KeyError(key)
-        entry.pins += 1
-        if entry.slab is not None:
-            entry.slab.pins += 1
+        entry.change_pins(1, view)
         return entry
 
-    def _unpin_entry(self, entry: CacheEntry, view: bool = False) -> None:
-        """One pin (or the last buffer of a view) of entry gone."""
-        with self.lock_:
-            entry.pins -= 1
-            entry.views -= view
-            slab = entry.slab
-            if slab is None:
-                return
-            slab.pins -= 1
-            if slab.pins:
-                return
-            if slab.doomed:
-                self._close_slab(slab)
-            elif slab.locked:
-                self._schedule()
+    def _last_pin_gone(self, slab: Slab) -> None:
+        """A slab's last pin (or view) went: close it if the cache dropped it, else let the idle
+        timer see it.  A view's buffer may be released in any thread, even one holding another
+        lock (the manager's, in a garbage collection): never wait for the cache's lock here."""
+        if not self.lock_.acquire(blocking=False):
+            self._orphans.append(slab)  # the next idle tick finishes the work
+            idle.TIMER.schedule(self, 0)
+            return
+        try:
+            self._settle(slab)
+        finally:
+            self.lock_.release()
+
+    def _settle(self, slab: Slab) -> None:
+        """Close an unpinned slab the cache dropped; make sure an unpinned locked one is timed."""
+        if slab.pins:
+            return
+        if slab.doomed:
+            self._close_slab(slab)
+        elif slab.locked:
+            self._schedule()
 
     def sweep(self, idle: Optional[float] = None) -> int:
         """Unlock the slabs not read for `idle` seconds (default idle_unlock; 0: every unpinned
@@ -420,8 +424,10 @@ class DiscardableCache(CacheCore, MutableMapping):
     def _idle_tick(self) -> None:
         """The idle timer's call: unlock what has been idle long enough, then sleep again."""
         with self.lock_:
+            while self._orphans:
+                self._settle(self._orphans.pop())
             self._scheduled = False
-            if self.idle_unlock is None or self._closed:
+            if self.idle_unlock is None:
                 return
             _, waiting = self._sweep(self.idle_unlock)
             if waiting:
@@ -567,9 +573,7 @@ class DiscardableCache(CacheCore, MutableMapping):
                 self._forget(entry)
                 # pin() calls end with the cache's entries (no key can be unpinned any more);
                 # live views keep their slab until they end.
-                if entry.slab is not None:
-                    entry.slab.pins -= entry.pins - entry.views
-                entry.pins = entry.views
+                entry.change_pins(entry.views - entry.pins)
             self.currsize_ = 0
             for slab in list(self._slabs):
                 if slab.pins:
