@@ -107,6 +107,7 @@ cdef extern from "_dckernel.h" nogil:
     unsigned int MFD_ALLOW_SEALING
     uint64_t DC_COOKIE
     int DC_COOKIE_MINCORE_PAGES
+    uint64_t DC_UNTOUCHED
     uint64_t dc_load_u64(uint64_t *word)
     uint64_t dc_cas_u64(uint64_t *word, uint64_t expected, uint64_t desired)
     uint64_t dc_fetch_add_u64(uint64_t *word, uint64_t delta)

@@ -86,6 +86,10 @@ def probe_ashmem() -> tuple:
 
 MADV_FREE_VALUE = MADV_FREE
 MADV_PAGEOUT_VALUE = MADV_PAGEOUT
+# The cookie scheme's "page left untouched" mark, and the range size from which unlock looks
+# for such pages (tests write the mark into a page to check it is still told apart).
+_COOKIE_UNTOUCHED_MARK = DC_UNTOUCHED
+_COOKIE_MINCORE_PAGES = DC_COOKIE_MINCORE_PAGES
 
 
 def physical_memory() -> int:
