@@ -47,8 +47,8 @@
  * keeps that second path cold. */
 #define DC_UNTOUCHED 0x6e6f7420746f7563ULL
 /* Ranges from this many pages are checked with mincore before the cookies go in; below it the
- * pages are written blindly (at most a few pages made resident, and no system call added). */
-#define DC_COOKIE_MINCORE_PAGES 16
+ * pages are written blindly (no system call added; at most 63 untouched pages made resident). */
+#define DC_COOKIE_MINCORE_PAGES 64
 #define DC_COOKIE_WINDOW 4096   /* pages per mincore call (its vector lives on the stack) */
 #define DC_PAGEMAP_WINDOW 512   /* pages per pread of /proc/self/pagemap */
 #define DC_PAGEMAP_SWAPPED (1ULL << 62)

@@ -108,6 +108,7 @@ cdef extern from "_dckernel.h" nogil:
     uint64_t DC_COOKIE
     int DC_COOKIE_MINCORE_PAGES
     uint64_t DC_UNTOUCHED
+    int dc_mark_swapped(char *base, size_t npages, size_t page, unsigned char *vec)
     uint64_t dc_load_u64(uint64_t *word)
     uint64_t dc_cas_u64(uint64_t *word, uint64_t expected, uint64_t desired)
     uint64_t dc_fetch_add_u64(uint64_t *word, uint64_t delta)

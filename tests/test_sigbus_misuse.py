@@ -235,6 +235,16 @@ def test_a_page_holding_the_untouched_mark_is_still_checked():
         mem.close()
 
 
+def test_pagemap_tells_no_swapped_page_in_resident_memory():
+    # What unlock reads when swap is configured (this machine has none: only the read is tested).
+    mem = discache.allocate(_core._COOKIE_MINCORE_PAGES * PAGE, "madvfree")
+    try:
+        mem.data[:] = b"\x01" * mem.nbytes
+        assert _core._swapped_pages(mem.address, mem.npages) == 0
+    finally:
+        mem.close()
+
+
 def test_small_ranges_keep_the_blind_cookie_path():
     # Below the mincore threshold every page gets its cookie (no system call added), so a
     # never-written page can be discarded and is reported: a false "purged", never a false
