@@ -42,8 +42,10 @@ class CacheEntry:
     size: int
     weight: int
     pins: int
+    views: int
     linked: bool
     checksum: bytes | None
+    def change_pins(self, delta: int, view: bool = False) -> int: ...
     @property
     def offset(self) -> int: ...
 
@@ -63,6 +65,11 @@ class CacheCore:
     default_size: bool
     partial_: list[list[Slab]]
     lock_: Any
+    entries_: dict[Hashable, CacheEntry]
+    purged_keys_: Any
+    events_: list[tuple[Hashable, str]]
+    evicted_for_size_: int
+    on_evict_: Any
     def get(self, key: Hashable, default: Any = None) -> Any: ...
     def __getitem__(self, key: Hashable) -> bytes: ...
     def _touch(self, entry: CacheEntry) -> None: ...

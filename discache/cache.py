@@ -26,6 +26,7 @@ from ._cache import SIZE_CLASSES  # noqa: E402,F811  (filled by init_classes)
 EVICTION_REASONS = ("size", "purged", "explicit")
 PURGED_KEYS_KEPT = 65536  # purged keys remembered, only to count their regeneration
 IDLE_TICKS = 2  # ticks per idle_unlock: an entry is unlocked within 1.5 x idle_unlock of its use
+MIN_TICK = 0.001  # seconds between ticks at least (idle_unlock=0: about a millisecond after use)
 
 
 class CacheInfo(NamedTuple):
@@ -437,7 +438,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         """Make sure an idle tick is pending (the lock is held; a slab is locked)."""
         if not self._scheduled and self.idle_unlock is not None:
             self._scheduled = True
-            idle.TIMER.schedule(self, self.idle_unlock / IDLE_TICKS)
+            idle.TIMER.schedule(self, max(self.idle_unlock / IDLE_TICKS, MIN_TICK))
 
     def on_memory_pressure(self, level: str) -> int:
         """The manager's call under pressure: moderate unlocks the idle entries, critical every
