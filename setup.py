@@ -21,6 +21,13 @@ extensions = [
                        + glob.glob("discache/*.h")),
         extra_compile_args=["-O2"],
     ),
+    # DiscardableCache's slabs, LRU list and hit path: a module of its own, built separately.
+    Extension(
+        "discache._cache",
+        ["discache/_cache.pyx"],
+        depends=["discache/_cache.pxd"],
+        extra_compile_args=["-O2"],
+    ),
 ]
 
 setup(
