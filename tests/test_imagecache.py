@@ -16,6 +16,7 @@ from integrations.imagecache.codec import encode, layout
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BACKENDS = ["madvfree", "memfd"]
+OWN_SLAB = (160, 120)  # RGB and RGBA bitmaps of this size are over 32 KiB: a slab of their own
 MODES = ["RGB", "RGBA", "L", "P", "PA", "LA", "1", "I", "F", "I;16", "I;16B", "CMYK", "RGBX",
          "YCbCr"]
 
@@ -86,15 +87,14 @@ def test_get_returns_an_image_that_owns_its_pixels(backend):
 
 
 def test_sizes_are_bytes_and_the_least_recently_used_image_goes(backend):
-    events = []
     cache = make(backend, maxsize=3 * (64 + 100 * 100))
-    cache.cache.on_evict = lambda key, reason: events.append((key, reason))
     for i in range(3):
         cache.put(i, picture(i, (100, 100), "L"))
     assert cache.currsize == 3 * (64 + 100 * 100) and len(cache) == 3
     cache.get(0)
     cache.put(3, picture(3, (100, 100), "L"))
-    assert events == [(1, "size")] and set(cache.cache) == {0, 2, 3}
+    assert cache.stats()["evictions_size"] == 1 and {k for k in range(4) if k in cache} == {0, 2, 3}
+    assert cache.get(1) is None and same(cache.get(0), picture(0, (100, 100), "L"))
     with pytest.raises(ValueError, match="too large"):
         cache.put("big", picture(4, (200, 200), "L"))
     assert "big" not in cache and cache.currsize == 3 * (64 + 100 * 100)
@@ -105,7 +105,8 @@ def test_purged_bitmaps_are_detected_and_regenerated(backend, tmp_path):
     paths = []
     for i in range(6):
         paths.append(tmp_path / f"{i}.png")
-        picture(i, (80, 60), "RGBA" if i % 2 else "RGB").save(paths[-1])
+        # larger than the cache's largest size class (32 KiB): a slab each, lost on its own
+        picture(i, OWN_SLAB, "RGBA" if i % 2 else "RGB").save(paths[-1])
     calls = []
 
     def drawn():
@@ -132,16 +133,17 @@ def test_purged_bitmaps_are_detected_and_regenerated(backend, tmp_path):
 
 def test_metrics_snapshot_counts_image_reads(backend):
     cache = make(backend)
-    cache.get_or_create("k", lambda: picture(1, (64, 64), "RGBA"))
+    cache.get_or_create("k", lambda: picture(1, OWN_SLAB, "RGBA"))
     cache.get("k")
     with cache.view_image("k"):
         pass
     force_reclaim(cache)
-    cache.get_or_create("k", lambda: picture(1, (64, 64), "RGBA"))
+    cache.get_or_create("k", lambda: picture(1, OWN_SLAB, "RGBA"))
     snapshot = cache.metrics_snapshot()
     assert (snapshot["hits"], snapshot["misses"], snapshot["regenerations"]) == (2, 2, 1)
     assert snapshot["locks"]["purged"] == 1 and snapshot["evictions"]["purged"] == 1
-    assert snapshot["allocated_bytes"] == 5 * PAGE == snapshot["locked_bytes"]
+    pages = -(-len(encode(picture(1, OWN_SLAB, "RGBA"))) // PAGE)
+    assert snapshot["allocated_bytes"] == pages * PAGE == snapshot["locked_bytes"]
 
 
 def test_the_record_of_purged_keys_is_bounded(backend):
@@ -202,12 +204,12 @@ def test_view_image_is_zero_copy_where_pillow_maps(backend):
 
 def test_a_viewed_bitmap_stays_locked_and_the_view_dies_with_the_block(backend):
     cache = make(backend)
-    cache.put("k", picture(1, (64, 64), "RGBA"))
-    cache.put("other", picture(2, (64, 64), "RGBA"))
+    cache.put("k", picture(1, OWN_SLAB, "RGBA"))
+    cache.put("other", picture(2, OWN_SLAB, "RGBA"))
     with cache.view_image("k") as view:
         assert cache.sweep(idle=0) == 1, "only the other bitmap is unlocked"
         assert force_reclaim(cache) >= 4, "the other bitmap's pages go"
-        assert same(view, picture(1, (64, 64), "RGBA"))
+        assert same(view, picture(1, OWN_SLAB, "RGBA"))
         with pytest.raises(PinnedError, match="pinned"):
             cache.delete("k")
         with pytest.raises(PinnedError, match="pinned"):
@@ -216,7 +218,7 @@ def test_a_viewed_bitmap_stays_locked_and_the_view_dies_with_the_block(backend):
     with pytest.raises(ValueError, match="closed"):
         view.getpixel((0, 0))
     assert cache.stats()["pinned_entries"] == 0 and cache.sweep(idle=0) == 1
-    assert cache.get("other") is None and same(cache.get("k"), picture(1, (64, 64), "RGBA"))
+    assert cache.get("other") is None and same(cache.get("k"), picture(1, OWN_SLAB, "RGBA"))
 
 
 def test_pixels_kept_past_the_block_keep_the_entry_pinned(backend):
