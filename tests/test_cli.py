@@ -184,25 +184,23 @@ def test_a_trace_prints_only_its_own_results(tmp_path, capsys):
 
 def test_simulate_draws_progress_on_a_terminal():
     """A long run shows progress: on a terminal (a pseudo-terminal here), a bar per design."""
-    code = ("import sys; from discache.cli import main; "
-            "sys.exit(main(['simulate', '--steps', '3000', '--images', '20', "
-            "'--image-pages', '8', '--workload-only']))")
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: its stdin, stdout and stderr are the pseudo-terminal
-        os.chdir(ROOT)
-        os.execv(sys.executable, [sys.executable, "-c", code])
+    main_fd, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "discache", "simulate", "--steps", "3000",
+                             "--images", "20", "--image-pages", "8", "--workload-only"],
+                            stdin=terminal, stdout=terminal, stderr=terminal, cwd=ROOT)
+    os.close(terminal)
     chunks = []
     while True:
         try:
-            chunk = os.read(fd, 4096)
+            chunk = os.read(main_fd, 4096)
         except OSError:  # EIO: the child closed the terminal
             break
         if not chunk:
             break
         chunks.append(chunk)
-    _, status = os.waitpid(pid, 0)
+    os.close(main_fd)
     text = b"".join(chunks).decode(errors="replace")
-    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert proc.wait(timeout=120) == 0, text
     assert re.search(r"walk\+sigbus\s+\[#+\.*\] \d+/\d+", text), text[:500]
     assert "\r" in text, "the bar is redrawn in place"
 
