@@ -25,8 +25,14 @@ def test_prometheus_scrapes_the_service_and_agrees_with_the_cache(prometheus, ba
             'discache_memory_pressure_events_total{name="service-manager",level="moderate"}',
             timeout=30)
         service.stop()
+        # The cache's idle timer unlocks what the load left locked within 1.5 idle_unlock: the
+        # numbers stand still once it has.
+        deadline = time.monotonic() + 15
+        while service.manager.metrics_snapshot()["locked_bytes"] and time.monotonic() < deadline:
+            time.sleep(0.1)
         snap = service.cache.metrics_snapshot()
         manager = service.manager.metrics_snapshot()
+        assert manager["locked_bytes"] == 0, "the idle timer unlocked every entry"
         server.wait_for_scrape(scrapes=2)  # a scrape that started after the load stopped
         assert server.query('discache_cache_hits_total{name="service"}') == snap["hits"]
         assert server.query('discache_cache_misses_total{name="service"}') == snap["misses"]
