@@ -12,6 +12,7 @@ import weakref
 from typing import Any, Optional
 
 clock = time.monotonic
+MAX_WAIT = 3600.0  # seconds one wait lasts at most (a far deadline is waited for in steps)
 
 
 class IdleTimer:
@@ -55,7 +56,7 @@ class IdleTimer:
                     wait = self._heap[0][0] - clock()
                     if wait <= 0:
                         break
-                    self._cond.wait(wait)
+                    self._cond.wait(min(wait, MAX_WAIT))
                 if self._stopping:
                     return
                 _, _, ref = heapq.heappop(self._heap)
