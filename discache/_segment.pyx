@@ -10,9 +10,29 @@ from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport uint64_t, uint8_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
+
+import weakref as _weakref
 
 SEGMENT_KINDS = ("madvfree", "memfd")
+
+cdef extern from "<sys/mman.h>" nogil:
+    int MAP_FIXED
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t pwrite(int fd, const void *buf, size_t count, long offset)
+
+# memfd segments of this process: a forked child gives each a memfd of its own (see
+# _own_pages_after_fork), or parent and child would share every span.
+_SHARED_SEGMENTS = _weakref.WeakSet()
+
+
+def _own_shared_segments_after_fork() -> None:
+    for segment in list(_SHARED_SEGMENTS):
+        (<Segment>segment)._own_pages_after_fork()
+
+
+_os.register_at_fork(after_in_child=_own_shared_segments_after_fork)
 
 
 cdef class Segment:
@@ -48,10 +68,46 @@ cdef class Segment:
                                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
             self.saved = <uint64_t *>calloc(n, sizeof(uint64_t))
         if self.base == <char *>MAP_FAILED:
+            err = errno
             self.base = NULL
-            raise _oserror(errno, "mmap")
+            raise MemoryError(f"cannot map {self.nbytes} bytes: {_os.strerror(err)}")
         if self.saved == NULL and self.lost == NULL:
             raise MemoryError("cannot allocate a segment's page records")
+        if self.fd >= 0:
+            _SHARED_SEGMENTS.add(self)
+
+    cdef void _own_pages_after_fork(self) noexcept:
+        """In a forked child: copy the pages into a new memfd mapped at the same address, so
+        that what the child writes, locks or discards is its own (as with private memory)."""
+        cdef int fd
+        cdef Py_ssize_t done = 0, n
+        cdef void *mapping
+        if self.base == NULL or self.fd < 0:
+            return
+        fd = memfd_create(b"discache-segment", MFD_CLOEXEC)
+        if fd >= 0 and ftruncate(fd, self.nbytes) == 0:
+            while done < self.nbytes:
+                n = pwrite(fd, self.base + done, self.nbytes - done, done)
+                if n <= 0:
+                    break
+                done += n
+        if fd >= 0 and done == self.nbytes:
+            mapping = mmap(self.base, self.nbytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+                           fd, 0)
+            if mapping != MAP_FAILED:
+                close(self.fd)
+                self.fd = fd
+                return
+        if fd >= 0:
+            close(fd)
+        # No memfd of its own: a private copy-on-write mapping of the parent's file at least
+        # keeps the child's writes from the parent, and every page counts as lost from now on.
+        mapping = mmap(self.base, self.nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED,
+                       self.fd, 0)
+        close(self.fd)
+        self.fd = -1
+        self.orphaned = True
+        memset(self.lost, 1, self.npages)
 
     def __dealloc__(self):
         if self.base != NULL:
@@ -160,11 +216,14 @@ cdef class Segment:
             if madvise(self.base + first * self.page, count * self.page, MADV_DONTNEED) != 0:
                 raise _oserror(errno, "madvise(MADV_DONTNEED)")
             return 0
-        if fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                     first * self.page, count * self.page) != 0:
+        if self.orphaned:
+            if madvise(self.base + first * self.page, count * self.page, MADV_DONTNEED) != 0:
+                raise _oserror(errno, "madvise(MADV_DONTNEED)")
+        elif fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                       first * self.page, count * self.page) != 0:
             raise _oserror(errno, "fallocate(PUNCH_HOLE)")
         for i in range(first, first + count):
-            self.lost[i] = lost
+            self.lost[i] = lost or self.orphaned
         return 0
 
     def reclaim_span(self, Py_ssize_t first, Py_ssize_t count) -> int:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import abc
+import threading
 import weakref
 from typing import Any
 
-from . import _core, backends
+from . import _core, backends, validate
 from ._core import LockResult
 from .errors import PurgedError
 
@@ -90,6 +91,16 @@ class CopyingAccessors(DiscardableMemory):
 
     _view: "memoryview | None" = None  # handed out by .data during this lock
 
+    def __copy__(self) -> Any:
+        raise TypeError(f"{type(self).__name__} cannot be copied: the copy would share the "
+                        "memory and its lock state; allocate new memory and write into it")
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        return self.__copy__()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(f"{type(self).__name__} cannot be pickled or copied")
+
     @abc.abstractmethod
     def _check_locked(self) -> None:
         """Raise unless open and locked."""
@@ -154,7 +165,10 @@ class MemfdMemory(CopyingAccessors):
     """Private discardable memory on a memfd segment; purged by policy, not by the kernel."""
 
     def __init__(self, nbytes: int) -> None:
-        self._shm = _core.DiscardableSharedMemory.create(nbytes)
+        self._shm = _core.DiscardableSharedMemory.create(validate.size(nbytes))
+        # One call at a time: a reclaim from another thread holds the segment's shared lock
+        # word while it punches the hole, and lock() must wait for it, not fail.
+        self._mutex = threading.RLock()
         self._locked = True
         self.nbytes = self._shm.nbytes
         self.npages = self._shm.npages
@@ -189,6 +203,10 @@ class MemfdMemory(CopyingAccessors):
 
     def lock(self) -> bool:
         """Lock; True if intact, False if purged (the pages read as zeros: refill)."""
+        with self._mutex:
+            return self._lock()
+
+    def _lock(self) -> bool:
         self._check_open()
         if self._locked:
             raise RuntimeError("discardable memory is already locked (locks do not nest)")
@@ -203,6 +221,10 @@ class MemfdMemory(CopyingAccessors):
 
     def unlock(self) -> None:
         """Unlock: a purge (release_free_memory, force_reclaim) may now free the pages."""
+        with self._mutex:
+            self._unlock()
+
+    def _unlock(self) -> None:
         self._check_open()
         if not self._locked:
             raise RuntimeError("discardable memory is not locked")
@@ -212,19 +234,21 @@ class MemfdMemory(CopyingAccessors):
 
     def close(self) -> None:
         """Free the memory; calling it again does nothing."""
-        if self._shm.closed:
-            return
-        self._release_views()
-        self._shm.close()
-        self._locked = False
+        with self._mutex:
+            if self._shm.closed:
+                return
+            self._release_views()
+            self._shm.close()
+            self._locked = False
 
     def _new_view(self) -> memoryview:
         return self._shm.data
 
     def _purge(self) -> int:
         """Free the pages now if unlocked; returns how many were freed."""
-        self._check_open()
-        return 0 if self._locked else self._shm._force_reclaim()
+        with self._mutex:
+            self._check_open()
+            return 0 if self._locked else self._shm._force_reclaim()
 
     def _force_reclaim(self) -> int:
         """Free the pages now if unlocked (MADV_PAGEOUT cannot drop shmem without swap)."""

@@ -3,8 +3,10 @@ on any machine, behind the same API as the real backends."""
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any, Optional
 
+from . import forking, validate
 from .memory import CopyingAccessors
 from .errors import PurgedError
 from .sim import MADV_DONTNEED, MADV_NONVOLATILE, MADV_VOLATILE, VA_BASE, SimulatedKernel
@@ -15,6 +17,23 @@ STATE_PURGED = 3  # discache._core.STATE_NAMES.index("purged")
 _kernel: Optional[SimulatedKernel] = None
 _process: Any = None
 _lock = threading.RLock()  # one simulated machine per Python process, driven by one thread at a time
+_unmapped_later: list[tuple[Any, int, int]] = []  # segments collected unclosed: (process, addr, nbytes)
+
+
+def _reset_lock_in_child() -> None:
+    global _lock
+    _lock = threading.RLock()
+
+
+# No other thread is inside the simulated kernel when a child is forked.
+forking.hold_across_fork(forking.SIMULATED_KERNEL, lambda: [_lock], _reset_lock_in_child)
+
+
+def _unmap_collected() -> None:
+    """munmap the simulated memory of segments collected without close() (under _lock)."""
+    while _unmapped_later:
+        process, addr, nbytes = _unmapped_later.pop()
+        process.munmap(addr, nbytes)
 
 
 def simulated_kernel() -> SimulatedKernel:
@@ -41,11 +60,11 @@ class SimSegment:
     def __init__(self, npages: int) -> None:
         kernel = simulated_kernel()
         self.page = kernel.page_size
-        if not isinstance(npages, int) or npages <= 0:
-            raise ValueError(f"a segment needs at least one page, got {npages!r}")
+        npages = validate.size(npages, "npages", SIM_RAM_PAGES)
         self.npages = npages
         self.nbytes = npages * self.page
         with _lock:
+            _unmap_collected()
             self.process = _process
             self.addr = self.process.mmap(self.nbytes)
         self.first_page = (self.addr - VA_BASE) // self.page
@@ -53,6 +72,10 @@ class SimSegment:
         self._spans: dict[int, int] = {}  # locked span first -> pages
         self._lost = [False] * npages  # discarded by discard_span since their last lock
         self.closed = False
+        # Collected without close(): a GC may run inside the simulated kernel, so the unmap waits
+        # for the next segment operation.
+        self._finalizer = weakref.finalize(self, _unmapped_later.append,
+                                           (self.process, self.addr, self.nbytes))
 
     def _check(self, first: int, count: int) -> None:
         if self.closed:
@@ -154,12 +177,13 @@ class SimSegment:
 
     def read(self, offset: int, size: int) -> bytes:
         """Copy bytes out of a locked span."""
-        data, at = self._locate(offset, size)
-        return bytes(data[at:at + size])
+        with _lock:
+            data, at = self._locate(offset, size)
+            return bytes(data[at:at + size])
 
     def write(self, offset: int, data: Any) -> int:
         """Copy bytes into a locked span."""
-        with memoryview(data) as source:
+        with memoryview(data) as source, _lock:
             size = source.nbytes
             buf, at = self._locate(offset, size)
             buf[at:at + size] = source.cast("B")
@@ -167,12 +191,19 @@ class SimSegment:
 
     def span_buffer(self, offset: int, size: int) -> _SpanBytes:
         """The bytes of the locked span starting at offset (a buffer with `exports`)."""
-        buf, at = self._locate(offset, size)
+        with _lock:
+            buf, at = self._locate(offset, size)
         if at:
             raise ValueError("a span buffer starts where its span starts")
         return buf  # type: ignore[return-value]
 
+    def locked_bytes(self, first: int) -> bytearray:
+        """The bytes of the locked span that starts at page first."""
+        with _lock:
+            return self._locked[first]
+
     def _locate(self, offset: int, size: int) -> tuple[bytearray, int]:
+        """(bytes of the locked span holding [offset, offset+size), offset in them); under _lock."""
         page = offset // self.page
         for start, n in self._spans.items():
             if start <= page < start + n:
@@ -184,11 +215,13 @@ class SimSegment:
 
     def close(self) -> None:
         """Unmap the simulated memory; calling it again does nothing."""
-        if self.closed:
-            return
         with _lock:
+            if self.closed:
+                return
+            self._finalizer.detach()
             self.process.munmap(self.addr, self.nbytes)
-        self.closed = True
+            self.closed = True
+            _unmap_collected()
 
 
 class _SpanBytes(bytearray):
@@ -216,10 +249,7 @@ class SimulatedMemory(CopyingAccessors):
     backend = "simulated"  # type: ignore[assignment]
 
     def __init__(self, nbytes: int) -> None:
-        if not isinstance(nbytes, int) or isinstance(nbytes, bool):
-            raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}")
-        if nbytes <= 0:
-            raise ValueError(f"nbytes must be positive, got {nbytes}")
+        nbytes = validate.size(nbytes)
         kernel = simulated_kernel()
         self.nbytes = nbytes
         self.npages = -(-nbytes // kernel.page_size)
@@ -247,7 +277,7 @@ class SimulatedMemory(CopyingAccessors):
             raise RuntimeError("discardable memory is unlocked: lock() it first")
 
     def _new_view(self) -> memoryview:
-        return memoryview(self._segment._locked[0])[:self.nbytes]
+        return memoryview(self._segment.locked_bytes(0))[:self.nbytes]
 
     def lock(self) -> bool:
         """Lock; True if intact, False if anything was purged (contents undefined: refill)."""
@@ -274,9 +304,8 @@ class SimulatedMemory(CopyingAccessors):
         if self._segment.closed:
             return
         self._release_views()
-        locked = self._segment._locked.get(0)
-        if locked is not None:  # a slice of mem.data still alive: refused, as unlock() does
-            _check_no_exports(locked)
+        if self._locked:  # a slice of mem.data still alive: refused, as unlock() does
+            _check_no_exports(self._segment.locked_bytes(0))
         self._segment.close()
         self._locked = False
 
