@@ -5,7 +5,8 @@ from . import backends
 from ._core import DiscardableSharedMemory, LockResult, PageTable
 from .errors import (BackendUnavailableError, DiscacheError, PinnedError, PurgedError,
                      PurgedPageError)
-from .memory import DiscardableMemory, DiscardableMemoryAllocator, allocate, force_reclaim
+from .memory import DiscardableMemory
+from .allocation import DiscardableMemoryAllocator, allocate, force_reclaim
 from .manager import DiscardableMemoryManager, default_manager
 from .cache import DiscardableCache, cached
 

@@ -9,10 +9,10 @@ from collections import Counter, OrderedDict
 from typing import Any, Callable, Optional
 
 from . import _core
-from .errors import BackendUnavailableError, PurgedError
+from .errors import PurgedError
 from .heap import Span, SpanHeap
-from . import forking, validate
-from .memory import CopyingAccessors
+from . import backends, forking, validate
+from .memory import SpanMemory
 
 PAGE = _core.page_size()
 SEGMENT_BYTES = 4 << 20  # Chromium's client segment size
@@ -20,7 +20,6 @@ DEFAULT_LIMIT_CAP = 512 << 20  # Chromium's desktop limit
 MAX_RAM_FRACTION = 4  # the default limit never exceeds a quarter of physical RAM
 PURGE_AGE = 300.0  # seconds unlocked before the background purge takes it (Chromium: 5 min)
 PRESSURE_LEVELS = ("moderate", "critical")
-SEGMENT_BACKENDS = ("madvfree", "memfd", "simulated")
 
 
 def physical_ram() -> int:
@@ -33,144 +32,28 @@ def default_limit() -> int:
     return min(DEFAULT_LIMIT_CAP, physical_ram() // MAX_RAM_FRACTION)
 
 
-def _segment_factory(backend: str) -> tuple[str, Callable[[int], Any]]:
-    from . import backends
-
-    if backend in ("madvfree-sigbus",):
-        raise ValueError("the manager packs allocations into shared segments, which SIGBUS mode "
-                         "does not support; use discache.allocate(n, sigbus=True) per allocation")
-    if backend == "simulated":
-        from .simbackend import SimSegment
-
-        return "simulated", SimSegment
-    chosen = backends.get(backend).name
-    if chosen not in SEGMENT_BACKENDS:
-        raise BackendUnavailableError(f"backend {chosen!r} cannot hold manager segments")
-    return chosen, lambda npages: _core.Segment(npages, chosen)
-
-
 class _Allocation:
     """The manager's record of one live allocation: its span and its state.
 
-    Held by the manager and by the ManagedMemory handle; it never refers back to the handle, so
-    a handle dropped without close() is collected and its span freed (see _drain_dropped)."""
+    Held by the manager and (as its ticket) by the SpanMemory; it never refers back to the
+    memory, so a memory dropped without close() is collected and its span freed
+    (see _drain_dropped)."""
 
-    __slots__ = ("span", "segment", "nbytes", "locked", "purged", "closed", "last_unlocked",
-                 "buffer", "handle", "__weakref__")
+    __slots__ = ("span", "segment", "locked", "purged", "closed", "last_unlocked", "buffer",
+                 "handle", "__weakref__")
 
-    def __init__(self, span: Span, segment: Any, nbytes: int) -> None:
+    def __init__(self, span: Span, segment: Any) -> None:
         self.span = span
         self.segment = segment
-        self.nbytes = nbytes
         self.locked = True
         self.purged = False  # discarded by the manager's policy while unlocked
         self.closed = False
         self.last_unlocked = 0.0
-        self.buffer: Any = None  # SpanBuffer of a mapped segment: counts live views
-        self.handle: Any = None  # weakref to the ManagedMemory, whose callback frees the span
+        self.buffer: Any = None  # the span's buffer handed out: counts live views
+        self.handle: Any = None  # weakref to the SpanMemory, whose callback frees the span
 
 
-class ManagedMemory(CopyingAccessors):
-    """A page span of a manager's segment, with DiscardableMemory's lock/unlock/data."""
-
-    def __init__(self, manager: "DiscardableMemoryManager", allocation: _Allocation) -> None:
-        self._manager = manager
-        self._allocation = allocation
-        self.nbytes = allocation.nbytes
-        self.npages = allocation.span.npages
-        self.purged_pages = 0
-
-    @property
-    def backend(self) -> str:
-        """The manager's backend."""
-        return self._manager.backend
-
-    @property
-    def manager(self) -> "DiscardableMemoryManager":
-        """The manager the memory belongs to."""
-        return self._manager
-
-    @property
-    def is_locked(self) -> bool:
-        """True while locked."""
-        return self._allocation.locked and not self._allocation.closed
-
-    @property
-    def closed(self) -> bool:
-        """True once closed."""
-        return self._allocation.closed
-
-    @property
-    def last_unlocked(self) -> float:
-        """The manager's clock at the last unlock."""
-        return self._allocation.last_unlocked
-
-    @property
-    def offset(self) -> int:
-        """Byte offset of the memory in its segment."""
-        return self._allocation.span.first * PAGE
-
-    @property
-    def _segment(self) -> Any:
-        """The segment holding the span (None once closed); read-only."""
-        return None if self._allocation.closed else self._allocation.segment
-
-    @property
-    def address(self) -> Optional[int]:
-        """Address of the first byte (valid while open; read or write it only while locked), or
-        None for a backend without a mapping of its own (simulated)."""
-        if self._allocation.closed:
-            raise ValueError("discardable memory is closed")
-        base = getattr(self._allocation.segment, "address", None)
-        return None if base is None else base + self.offset
-
-    def _check_open(self) -> None:
-        if self._allocation.closed:
-            raise ValueError("discardable memory is closed")
-
-    def _check_locked(self) -> None:
-        self._check_open()
-        if not self._allocation.locked:
-            raise RuntimeError("discardable memory is unlocked: lock() it first")
-
-    def _new_view(self) -> memoryview:
-        record = self._allocation
-        if record.buffer is None:
-            record.buffer = record.segment.span_buffer(self.offset, self.nbytes)
-        with memoryview(record.buffer) as whole:
-            return whole[:self.nbytes]
-
-    def _release_views(self) -> None:
-        super()._release_views()
-        record = self._allocation
-        if record.buffer is not None:
-            if record.buffer.exports:
-                raise BufferError(f"{record.buffer.exports} view(s) of mem.data (slices, "
-                                  "arrays...) are still alive; release them first")
-            record.buffer = None  # a span's buffer is valid for one lock (simulated: a copy)
-
-    def lock(self) -> bool:
-        """Lock; True if intact, False if anything was purged (contents undefined: refill)."""
-        lost = self._manager._lock(self)
-        self.purged_pages = lost
-        return lost == 0
-
-    def unlock(self) -> None:
-        """Unlock: the kernel or the manager may now discard the memory."""
-        self._manager._unlock(self)
-
-    def close(self) -> None:
-        """Give the span back to the manager; calling it again does nothing."""
-        self._manager._close(self)
-
-    def _force_reclaim(self) -> int:
-        """Make the kernel discard the pages now if unlocked; returns how many are gone."""
-        return self._manager._reclaim(self)
-
-    def __repr__(self) -> str:
-        record = self._allocation
-        state = "closed" if record.closed else ("locked" if record.locked else "unlocked")
-        return f"<ManagedMemory nbytes={self.nbytes} {self.backend} {state}>"
+ManagedMemory = SpanMemory  # what the manager hands out (the name discache.cache imports)
 
 
 _MANAGERS: "weakref.WeakSet[DiscardableMemoryManager]" = weakref.WeakSet()
@@ -222,7 +105,8 @@ class DiscardableMemoryManager:
             raise ValueError(f"segment_bytes must be at least one page ({PAGE}), "
                              f"got {segment_bytes!r}")
         purge_age = validate.duration(purge_age, "purge_age")
-        self.backend, self._new_segment = _segment_factory(backend)
+        kind = backends.segment_kind(backend)
+        self.backend, self._new_segment = kind.name, kind.segment
         self.limit = limit
         self.segment_pages = -(-segment_bytes // PAGE)
         self.purge_age = purge_age
@@ -289,8 +173,8 @@ class DiscardableMemoryManager:
             except BaseException:
                 self._give_back(span)
                 raise
-            record = _Allocation(span, segment, nbytes)
-            mem = ManagedMemory(self, record)
+            record = _Allocation(span, segment)
+            mem = SpanMemory(self, segment, span.first, span.npages, nbytes, record)
             record.handle = weakref.ref(mem, _handle_dropped(self._self_ref, record))
             self._live.add(record)
             self.bytes_allocated += npages * PAGE
@@ -302,21 +186,26 @@ class DiscardableMemoryManager:
 
     def _record(self, mem: Any) -> _Allocation:
         """mem's record, if mem is an open allocation of this manager."""
-        record = getattr(mem, "_allocation", None) if isinstance(mem, ManagedMemory) else None
-        if record is None or record not in self._live:
-            if isinstance(mem, ManagedMemory) and mem.closed:
+        if not isinstance(mem, SpanMemory) or mem.owner is not self or mem.ticket not in self._live:
+            if isinstance(mem, SpanMemory) and mem.closed:
                 raise ValueError("discardable memory is closed")
             raise ValueError(f"{mem!r} is not memory of this manager")
-        return record
+        return mem.ticket
 
-    def _lock(self, mem: ManagedMemory) -> int:
-        """Lock mem; returns how many of its pages were lost."""
+    # ------------------------------------------------------------------ SpanOwner: what a
+    # SpanMemory asks of the manager, always under the manager's lock (mutex)
+
+    @property
+    def mutex(self) -> Any:
+        """The manager's lock: every span's state changes under it."""
+        return self._lock_
+
+    def lock_span(self, mem: SpanMemory) -> int:
+        """Lock mem's span (mem checked it is unlocked); returns how many pages were lost."""
         started = time.perf_counter() if self.latency is not None else 0.0
         with self._lock_:
             self._drain_dropped()
             record = self._record(mem)
-            if record.locked:
-                raise RuntimeError("discardable memory is already locked (locks do not nest)")
             span = record.span
             size = span.npages * PAGE
             self._unlocked.pop(record, None)
@@ -336,26 +225,27 @@ class DiscardableMemoryManager:
             self.latency["lock"].observe(time.perf_counter() - started)
         return lost
 
-    def _unlock(self, mem: ManagedMemory) -> None:
+    def unlock_span(self, mem: SpanMemory) -> None:
+        """Unlock mem's span (mem checked it is locked and released its views)."""
         started = time.perf_counter() if self.latency is not None else 0.0
         with self._lock_:
             self._drain_dropped()
             record = self._record(mem)
-            if not record.locked:
-                raise RuntimeError("discardable memory is not locked")
-            mem._release_views()
             span = record.span
             record.segment.unlock_span(span.first, span.npages)
-            record.locked = False
-            record.last_unlocked = self.clock()
-            self._unlocked[record] = None
-            self.bytes_locked -= span.npages * PAGE
+            self._unlocked_now(record, self.clock())
             self.counters["unlocks"] += 1
             self._purge_to(self.limit)
         if self.latency is not None:
             self.latency["unlock"].observe(time.perf_counter() - started)
 
-    def unlock_many(self, mems: list[ManagedMemory]) -> int:
+    def _unlocked_now(self, record: _Allocation, now: float) -> None:
+        record.locked = False
+        record.last_unlocked = now
+        self._unlocked[record] = None
+        self.bytes_locked -= record.span.npages * PAGE
+
+    def unlock_many(self, mems: list[SpanMemory]) -> int:
         """Unlock several locked allocations, one madvise per run of adjacent spans; returns the
         number of system calls made.  Memory of another manager, closed or unlocked memory, or
         the same memory twice is refused (ValueError / RuntimeError) with nothing changed."""
@@ -365,25 +255,23 @@ class DiscardableMemoryManager:
             mems = list(mems)
             if len({id(mem) for mem in mems}) != len(mems):
                 raise ValueError("unlock_many() got the same memory more than once")
-            by_segment: dict[int, list[tuple[ManagedMemory, _Allocation]]] = {}
+            by_segment: dict[int, list[tuple[SpanMemory, _Allocation]]] = {}
             for mem in mems:
                 record = self._record(mem)
-                if not record.locked:
+                if not mem.is_locked:
                     raise RuntimeError(f"{mem!r} is not locked")
                 by_segment.setdefault(record.span.segment, []).append((mem, record))
             for group in by_segment.values():
                 for mem, _ in group:
-                    mem._release_views()
+                    mem.prepare_unlock()
             calls = 0
             now = self.clock()
             for segment_id, group in by_segment.items():
                 calls += self._segments[segment_id].unlock_spans(
                     [(r.span.first, r.span.npages) for _, r in group])
-                for _, record in group:
-                    record.locked = False
-                    record.last_unlocked = now
-                    self._unlocked[record] = None
-                    self.bytes_locked -= record.span.npages * PAGE
+                for mem, record in group:
+                    mem.mark_unlocked()
+                    self._unlocked_now(record, now)
             self.counters["unlocks"] += len(mems)
             self._purge_to(self.limit)
         if self.latency is not None and mems:
@@ -391,25 +279,34 @@ class DiscardableMemoryManager:
             self.latency["unlock"].observe(time.perf_counter() - started)
         return calls
 
-    def _close(self, mem: ManagedMemory) -> None:
+    def close_span(self, mem: SpanMemory) -> None:
+        """Take mem's span back (mem released its views)."""
         with self._lock_:
-            record = mem._allocation
-            if record.closed:
-                return
-            if record not in self._live:
-                raise ValueError(f"{mem!r} is not memory of this manager")
-            mem._release_views()
-            self._free(record)
+            self._free(self._record(mem))
             self._drain_dropped()
 
-    def _reclaim(self, mem: ManagedMemory) -> int:
-        # Under the manager's lock: a lock() from another thread in the middle of the reclaim
-        # would have its pages freed again and paged out (the reclaim retries) while locked.
+    def purge_span(self, mem: SpanMemory) -> int:
+        """Discard mem's unlocked span now (as a purge by the manager); returns its pages."""
         with self._lock_:
             record = self._record(mem)
-            if record.locked:
+            if record.locked or record.purged:
                 return 0
+            self._unlocked.pop(record, None)
+            self._purge_one(record, "release")
+            return record.span.npages
+
+    def reclaim_span(self, mem: SpanMemory) -> int:
+        """Make the kernel reclaim mem's unlocked span now; returns the pages gone."""
+        with self._lock_:
+            record = self._record(mem)
             return record.segment.reclaim_span(record.span.first, record.span.npages)
+
+    def span_buffer(self, mem: SpanMemory) -> Any:
+        """A buffer of mem's locked span (counted, so that a dropped mem's views keep the span)."""
+        with self._lock_:
+            record = self._record(mem)
+            record.buffer = record.segment.span_buffer(record.span.first * PAGE, mem.nbytes)
+            return record.buffer
 
     def _drain_dropped(self) -> None:
         """Free the spans of handles collected without close() (under the manager's lock)."""

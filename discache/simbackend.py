@@ -1,5 +1,5 @@
-"""The "simulated" backend: discardable memory on discache.sim's simulated kernel, deterministic
-on any machine, behind the same API as the real backends."""
+"""The "simulated" segment kind: page spans of discache.sim's simulated kernel, deterministic on
+any machine, behind the same segment protocol as discache._core.Segment."""
 from __future__ import annotations
 
 import threading
@@ -7,8 +7,6 @@ import weakref
 from typing import Any, Optional
 
 from . import forking, validate
-from .memory import CopyingAccessors
-from .errors import PurgedError
 from .sim import MADV_DONTNEED, MADV_NONVOLATILE, MADV_VOLATILE, VA_BASE, SimulatedKernel
 
 SIM_RAM_PAGES = 1 << 18  # 1 GiB of simulated RAM, allocated by the simulator as it is touched
@@ -44,11 +42,6 @@ def simulated_kernel() -> SimulatedKernel:
             _kernel = SimulatedKernel(ram_pages=SIM_RAM_PAGES, swap_pages=0)
             _process = _kernel.spawn()
         return _kernel
-
-
-def probe() -> tuple[bool, str]:
-    """The simulated backend runs anywhere."""
-    return True, "the simulated kernel (discache.sim) runs on any machine"
 
 
 class SimSegment:
@@ -242,91 +235,4 @@ def _check_no_exports(data: bytearray) -> None:
         raise BufferError("a view of the memory is still alive; release it first")
 
 
-class SimulatedMemory(CopyingAccessors):
-    """DiscardableMemory in the simulated kernel: unlock = MADV_VOLATILE, lock = MADV_NONVOLATILE,
-    exact purge counts from the simulated page table."""
-
-    backend = "simulated"  # type: ignore[assignment]
-
-    def __init__(self, nbytes: int) -> None:
-        nbytes = validate.size(nbytes)
-        kernel = simulated_kernel()
-        self.nbytes = nbytes
-        self.npages = -(-nbytes // kernel.page_size)
-        if self.npages > SIM_RAM_PAGES:
-            raise ValueError(f"{nbytes} bytes exceed the {SIM_RAM_PAGES} pages of simulated RAM")
-        self._segment = SimSegment(self.npages)
-        self._segment.claim_span(0, self.npages)
-        self._locked = True
-        self.purged_pages = 0
-
-    @property
-    def is_locked(self) -> bool:
-        """True while locked."""
-        return self._locked and not self._segment.closed
-
-    @property
-    def closed(self) -> bool:
-        """True once closed."""
-        return self._segment.closed
-
-    def _check_locked(self) -> None:
-        if self._segment.closed:
-            raise ValueError("discardable memory is closed")
-        if not self._locked:
-            raise RuntimeError("discardable memory is unlocked: lock() it first")
-
-    def _new_view(self) -> memoryview:
-        return memoryview(self._segment.locked_bytes(0))[:self.nbytes]
-
-    def lock(self) -> bool:
-        """Lock; True if intact, False if anything was purged (contents undefined: refill)."""
-        if self._segment.closed:
-            raise ValueError("discardable memory is closed")
-        if self._locked:
-            raise RuntimeError("discardable memory is already locked (locks do not nest)")
-        self.purged_pages = self._segment.lock_span(0, self.npages)
-        self._locked = True
-        return self.purged_pages == 0
-
-    def unlock(self) -> None:
-        """Unlock: the simulated kernel may now purge the pages."""
-        if self._segment.closed:
-            raise ValueError("discardable memory is closed")
-        if not self._locked:
-            raise RuntimeError("discardable memory is not locked")
-        self._release_views()
-        self._segment.unlock_span(0, self.npages)
-        self._locked = False
-
-    def close(self) -> None:
-        """Free the memory; calling it again does nothing."""
-        if self._segment.closed:
-            return
-        self._release_views()
-        if self._locked:  # a slice of mem.data still alive: refused, as unlock() does
-            _check_no_exports(self._segment.locked_bytes(0))
-        self._segment.close()
-        self._locked = False
-
-    def _purge(self) -> int:
-        """A policy purge if unlocked; returns the pages dropped."""
-        if self._segment.closed:
-            raise ValueError("discardable memory is closed")
-        if self._locked:
-            return 0
-        self._segment.discard_span(0, self.npages)
-        return self.npages
-
-    def _force_reclaim(self) -> int:
-        """The simulated kernel reclaims its volatile pages now; returns this memory's pages gone."""
-        if self._segment.closed:
-            raise ValueError("discardable memory is closed")
-        return self._segment.reclaim_span(0, self.npages)
-
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else ("locked" if self._locked else "unlocked")
-        return f"<SimulatedMemory nbytes={self.nbytes} {state}>"
-
-
-__all__ = ["PurgedError", "SimSegment", "SimulatedMemory", "probe", "simulated_kernel"]
+__all__ = ["SimSegment", "simulated_kernel"]

@@ -93,11 +93,11 @@ def test_unlock_many_refuses_memory_not_from_a_manager(manager):
 def test_a_manager_refuses_to_lock_unlock_or_reclaim_memory_of_another(manager):
     other = DiscardableMemoryManager(1 << 24, manager.backend)
     theirs = filled(other, 6)
-    with pytest.raises(ValueError):
-        manager._unlock(theirs)
-    with pytest.raises(ValueError):
-        manager._close(theirs)
-    assert theirs.is_locked and not theirs.closed
+    for call in (manager.unlock_span, manager.close_span, manager.lock_span, manager.purge_span,
+                 manager.reclaim_span, manager.span_buffer):
+        with pytest.raises(ValueError):
+            call(theirs)
+    assert theirs.is_locked and not theirs.closed and other.stats()["locked_bytes"] == PAGE
 
 
 def test_unlock_many_records_its_latency(manager):

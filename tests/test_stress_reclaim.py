@@ -45,7 +45,7 @@ def resident(mem, first: int = 0, count: int = -1) -> int:
     """How many of mem's pages [first, first+count) mincore says are resident."""
     count = mem.npages - first if count < 0 else count
     if isinstance(mem, ManagedMemory):
-        return mem._segment.resident_pages(mem._span.first + first, count)
+        return mem.segment.resident_pages(mem.first + first, count)
     return mem._resident_pages(first, count)
 
 
@@ -212,7 +212,7 @@ def test_cache_entries_under_a_reclaim_storm():
             if entry is None or entry.locked or entry.mem is None:
                 return 0
             mem = entry.mem
-            return mem.npages - mem._segment.resident_pages(mem._span.first, mem._span.npages)
+            return mem.npages - mem.segment.resident_pages(mem.first, mem.npages)
 
     def work(owner: int) -> None:
         chance = random.Random(owner)
