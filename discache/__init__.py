@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from . import backends
-from ._core import DiscardableSharedMemory, LockResult, PageTable
+from ._core import DiscardableSharedMemory, LockResult
+from .sim._sim import PageTable
 from .errors import (BackendUnavailableError, DiscacheError, PinnedError, PurgedError,
                      PurgedPageError)
 from .memory import DiscardableMemory

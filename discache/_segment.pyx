@@ -45,9 +45,7 @@ cdef class Segment:
         self.page = sysconf(_SC_PAGESIZE)
         if kind not in SEGMENT_KINDS:
             raise ValueError(f"segment kind must be one of {SEGMENT_KINDS}, got {kind!r}")
-        n = _as_index(npages)
-        if n <= 0 or n > (1 << 40) // self.page:
-            raise ValueError(f"a segment needs 1..{(1 << 40) // self.page} pages, got {npages!r}")
+        n = _validate.size(npages, "npages", (1 << 40) // self.page)
         self.kind = kind
         self.npages = n
         self.nbytes = n * self.page

@@ -19,7 +19,7 @@ import pytest
 
 import discache
 from discache import DiscardableMemoryManager, DiscardableSharedMemory, _core, backends
-from discache import simbackend
+from discache.sim import backend as simbackend
 
 PAGE = _core.page_size()
 AVAILABLE = {info.name for info in backends.available() if info.available}

@@ -10,6 +10,7 @@ import discache
 from discache import (BackendUnavailableError, DiscardableCache, DiscardableMemoryManager,
                       DiscardableSharedMemory, LockResult, PageTable, _core, backends)
 from discache.pressure import PressureMonitor
+from discache.sim._sim import MAX_PAGES
 from kernel_reclaim import reclaim
 
 PAGE = _core.page_size()
@@ -295,7 +296,7 @@ def test_bad_limits_and_settings():
     with pytest.raises(ValueError):
         PageTable(0)
     with pytest.raises(ValueError):
-        PageTable(_core.MAX_PAGES + 1)
+        PageTable(MAX_PAGES + 1)
 
 
 # --- the cache ---

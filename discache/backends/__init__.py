@@ -124,7 +124,7 @@ def _memfd_segment(npages: int) -> Any:
 
 
 def _simulated_segment(npages: int) -> Any:
-    from ..simbackend import SimSegment
+    from ..sim.backend import SimSegment
 
     return SimSegment(npages)
 

@@ -6,11 +6,11 @@ import threading
 import weakref
 from typing import Any, Optional
 
-from . import forking, validate
-from .sim import MADV_DONTNEED, MADV_NONVOLATILE, MADV_VOLATILE, VA_BASE, SimulatedKernel
+from .. import forking, validate
+from ._sim import STATE_PURGED
+from .kernel import MADV_DONTNEED, MADV_NONVOLATILE, MADV_VOLATILE, VA_BASE, SimulatedKernel
 
 SIM_RAM_PAGES = 1 << 18  # 1 GiB of simulated RAM, allocated by the simulator as it is touched
-STATE_PURGED = 3  # discache._core.STATE_NAMES.index("purged")
 
 _kernel: Optional[SimulatedKernel] = None
 _process: Any = None
