@@ -1,17 +1,15 @@
 """DiscardableMemoryManager: a byte limit, segments of page spans, LRU purge, memory pressure."""
 from __future__ import annotations
 
-import os
 import threading
 import time
 import weakref
 from collections import Counter, OrderedDict
 from typing import Any, Callable, Optional
 
-from . import _core
+from . import _core, backends, forking, validate
 from .errors import PurgedError
 from .heap import Span, SpanHeap
-from . import backends, forking, validate
 from .memory import SpanMemory
 
 PAGE = _core.page_size()
@@ -22,9 +20,7 @@ PURGE_AGE = 300.0  # seconds unlocked before the background purge takes it (Chro
 PRESSURE_LEVELS = ("moderate", "critical")
 
 
-def physical_ram() -> int:
-    """Bytes of physical memory."""
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+physical_ram = _core.physical_memory  # bytes of physical memory
 
 
 def default_limit() -> int:

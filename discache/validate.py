@@ -34,15 +34,3 @@ def duration(value: Any, name: str, *, zero: bool = False) -> float:
     if seconds < 0 or (seconds == 0 and not zero):
         raise ValueError(f"{name} must be {'>= 0' if zero else 'positive'} seconds, got {value!r}")
     return seconds
-
-
-def instant(value: Any, name: str = "now") -> float:
-    """value as a finite clock reading (any sign)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number of seconds, not a bool")
-    if not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    seconds = float(value)
-    if not math.isfinite(seconds):
-        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
-    return seconds
