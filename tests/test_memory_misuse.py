@@ -219,6 +219,16 @@ def test_a_view_outliving_its_dropped_allocation_keeps_the_span(manager):
     assert manager.stats()["allocated_bytes"] == 0
 
 
+def test_dropped_caches_free_their_memory(manager):
+    for _ in range(20):
+        cache = discache.DiscardableCache(1 << 20, manager=manager)
+        for key in range(8):
+            cache[key] = b"x" * (64 << 10)
+    del cache
+    gc.collect()
+    assert manager.stats()["allocated_bytes"] == 0
+
+
 def test_dropped_simulated_memory_is_unmapped():
     discache.allocate(PAGE, "simulated").close()
     process = simbackend._process
