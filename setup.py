@@ -29,6 +29,13 @@ extensions = [
         depends=sorted(glob.glob("discache/sim/*.pyx") + glob.glob("discache/sim/*.pxd")),
         extra_compile_args=["-O2"],
     ),
+    # DiscardableCache's slabs, LRU list and hit path: a module of its own, built separately.
+    Extension(
+        "discache._cache",
+        ["discache/_cache.pyx"],
+        depends=["discache/_cache.pxd"],
+        extra_compile_args=["-O2"],
+    ),
 ]
 
 setup(

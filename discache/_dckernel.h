@@ -8,11 +8,13 @@
 #include <fcntl.h>
 #include <setjmp.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/sysinfo.h>
 #include <unistd.h>
 #include <linux/userfaultfd.h>
 
@@ -37,6 +39,19 @@
 /* The word an unlocked madvfree page carries in its first 8 bytes.  A page the kernel discarded
  * reads back as zero, so the cookie must be non-zero. */
 #define DC_COOKIE 1ULL
+/* The cookie of a page whose own first word is DC_UNTOUCHED (so that the saved word can say
+ * "untouched" without ambiguity: such a page saves DC_UNTOUCHED ^ 1 and carries this cookie). */
+#define DC_COOKIE_UNTOUCHED_WORD 2ULL
+/* The saved word of a page that was not resident at unlock: it got no cookie, so lock leaves it
+ * alone.  Any value works (a page really holding it takes DC_COOKIE_UNTOUCHED_WORD); a rare one
+ * keeps that second path cold. */
+#define DC_UNTOUCHED 0x6e6f7420746f7563ULL
+/* Ranges from this many pages are checked with mincore before the cookies go in; below it the
+ * pages are written blindly (no system call added; at most 63 untouched pages made resident). */
+#define DC_COOKIE_MINCORE_PAGES 64
+#define DC_COOKIE_WINDOW 4096   /* pages per mincore call (its vector lives on the stack) */
+#define DC_PAGEMAP_WINDOW 512   /* pages per pread of /proc/self/pagemap */
+#define DC_PAGEMAP_SWAPPED (1ULL << 62)
 
 /* ---- atomics on words that live in (possibly shared) pages ---- */
 
@@ -50,25 +65,115 @@ static inline uint64_t dc_cas_u64(uint64_t *word, uint64_t expected, uint64_t de
     return expected;
 }
 
-/* Chromium's MADV_FREE scheme, unlock half: keep each page's first word, put the cookie there. */
-static void dc_cookie_unlock(char *base, size_t npages, size_t page, uint64_t *saved) {
-    for (size_t i = 0; i < npages; i++) {
-        uint64_t *word = (uint64_t *)(base + i * page);
-        saved[i] = *word;
+/* Atomic add on a shared word; returns the value before. */
+static inline uint64_t dc_fetch_add_u64(uint64_t *word, uint64_t delta) {
+    return __atomic_fetch_add(word, delta, __ATOMIC_ACQ_REL);
+}
+
+static inline void dc_cookie_put(char *page_start, uint64_t *saved) {
+    uint64_t *word = (uint64_t *)page_start;
+    uint64_t own = *word;
+    if (own == DC_UNTOUCHED) {
+        *saved = DC_UNTOUCHED ^ 1;
+        __atomic_store_n(word, DC_COOKIE_UNTOUCHED_WORD, __ATOMIC_RELAXED);
+    } else {
+        *saved = own;
         __atomic_store_n(word, DC_COOKIE, __ATOMIC_RELAXED);
+    }
+}
+
+/* Does any swap device exist?  Without swap, a private anonymous page that mincore does not
+ * report resident has no page at all (never written, or dropped): it reads as zeros. */
+static int dc_swap_configured(void) {
+    struct sysinfo info;
+    return sysinfo(&info) != 0 || info.totalswap != 0;
+}
+
+/* Which of pages [0, npages) of base are swapped out, from /proc/self/pagemap: sets vec[i] to 1
+ * for each.  -1 when pagemap cannot be read (then every non-resident page must be treated as
+ * holding data). */
+static int dc_mark_swapped(char *base, size_t npages, size_t page, unsigned char *vec) {
+    uint64_t entries[DC_PAGEMAP_WINDOW];
+    size_t done = 0, n, i;
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    while (done < npages) {
+        n = npages - done < DC_PAGEMAP_WINDOW ? npages - done : DC_PAGEMAP_WINDOW;
+        off_t at = (off_t)(((uintptr_t)base / page + done) * sizeof(uint64_t));
+        if (pread(fd, entries, n * sizeof(uint64_t), at) != (ssize_t)(n * sizeof(uint64_t))) {
+            close(fd);
+            return -1;
+        }
+        for (i = 0; i < n; i++)
+            if (entries[i] & DC_PAGEMAP_SWAPPED)
+                vec[done + i] = 1;
+        done += n;
+    }
+    close(fd);
+    return 0;
+}
+
+/* Chromium's MADV_FREE scheme, unlock half: keep each page's first word, put the cookie there.
+ * A page with no memory behind it (never written since it was mapped or dropped) is left
+ * untouched and saved as DC_UNTOUCHED: it reads as zeros whether or not the kernel discards it,
+ * so it is intact by definition, and writing a cookie would make it resident.  A swapped-out
+ * page holds data (and MADV_FREE would drop its swap copy), so it gets its cookie. */
+static void dc_cookie_unlock(char *base, size_t npages, size_t page, uint64_t *saved) {
+    unsigned char vec[DC_COOKIE_WINDOW];
+    size_t first, n, i;
+    int swap_checked = 0, swap = 0;
+    if (npages < DC_COOKIE_MINCORE_PAGES) {
+        for (i = 0; i < npages; i++)
+            dc_cookie_put(base + i * page, saved + i);
+        return;
+    }
+    for (first = 0; first < npages; first += n) {
+        n = npages - first < DC_COOKIE_WINDOW ? npages - first : DC_COOKIE_WINDOW;
+        char *start = base + first * page;
+        if (mincore(start, n * page, vec) != 0) {
+            memset(vec, 1, n);
+        } else {
+            for (i = 0; i < n && (vec[i] & 1); i++)
+                ;
+            if (i < n) {  /* some page has no memory here: is it swapped out? */
+                if (!swap_checked) {
+                    swap = dc_swap_configured();
+                    swap_checked = 1;
+                }
+                if (swap && dc_mark_swapped(start, n, page, vec) != 0)
+                    memset(vec, 1, n);
+            }
+        }
+        for (i = 0; i < n; i++) {
+            if (vec[i] & 1)
+                dc_cookie_put(start + i * page, saved + first + i);
+            else
+                saved[first + i] = DC_UNTOUCHED;
+        }
     }
 }
 
 /* Lock half: swap the cookie back for the saved word.  The read-modify-write re-dirties the page,
  * which cancels the lazy free, with no window between the check and the restore.  A discarded page
- * reads zero, the swap fails, and the page counts as purged.  Returns the number purged. */
+ * reads zero, the swap fails, and the page counts as purged.  A page left untouched at unlock is
+ * not accessed (that would make it resident).  Returns the number purged. */
 static size_t dc_cookie_lock(char *base, size_t npages, size_t page, const uint64_t *saved) {
     size_t purged = 0;
     for (size_t i = 0; i < npages; i++) {
+        uint64_t own = saved[i];
         uint64_t expected = DC_COOKIE;
-        if (!__atomic_compare_exchange_n((uint64_t *)(base + i * page), &expected, saved[i], 0,
-                                         __ATOMIC_RELAXED, __ATOMIC_RELAXED))
-            purged++;
+        uint64_t *word = (uint64_t *)(base + i * page);
+        if (own == DC_UNTOUCHED)
+            continue;
+        if (__atomic_compare_exchange_n(word, &expected, own, 0,
+                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            continue;
+        if (expected == DC_COOKIE_UNTOUCHED_WORD &&
+            __atomic_compare_exchange_n(word, &expected, DC_UNTOUCHED, 0,
+                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            continue;
+        purged++;
     }
     return purged;
 }
@@ -140,6 +245,45 @@ static long dc_uffd_fill_missing(int fd, char *base, size_t first, size_t npages
     return filled;
 }
 
+/* ---- open-file-description locks: a lock the kernel drops when its holder dies ---- */
+#ifndef F_OFD_GETLK
+#define F_OFD_GETLK 36
+#define F_OFD_SETLK 37
+#define F_OFD_SETLKW 38
+#endif
+
+/* A new open file description of the file behind fd (its own locks, unlike a dup), or -1. */
+static int dc_reopen_private(int fd) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    return open(path, O_RDWR | O_CLOEXEC);
+}
+
+/* Write-lock byte `at` (may lie past the end of the file) for fd's description, not waiting:
+ * 0, or -1 with errno (EAGAIN/EACCES: another description holds it). */
+static int dc_ofd_lock_byte(int fd, uint64_t at) {
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = (off_t)at;
+    fl.l_len = 1;
+    return fcntl(fd, F_OFD_SETLK, &fl);
+}
+
+/* Does another open file description hold a lock on byte `at`?  1 yes, 0 no, -1 with errno. */
+static int dc_ofd_byte_held(int fd, uint64_t at) {
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = (off_t)at;
+    fl.l_len = 1;
+    if (fcntl(fd, F_OFD_GETLK, &fl) != 0)
+        return -1;
+    return fl.l_type != F_UNLCK;
+}
+
 /* ---- Android ashmem (the uapi header is not installed on mainline Linux) ---- */
 
 struct dc_ashmem_pin {
@@ -166,42 +310,66 @@ static int dc_ashmem_pin(int fd, unsigned long request, uint32_t offset, uint32_
 /* ---- SIGBUS guard ----
  * A guarded access arms a per-thread jump buffer and the address range it may fault in.  The
  * handler jumps back only for a fault inside that range while armed; any other SIGBUS goes to the
- * handler that was installed before ours (faulthandler under pytest), or to the default action.
+ * handler that was installed before ours (faulthandler under pytest), or gets the kernel's own
+ * treatment: the default action (the process dies by SIGBUS), also when SIGBUS was ignored, since
+ * the kernel never lets a process ignore the SIGBUS of a fault (returning would re-execute the
+ * access forever).  A previous handler that calls us back (faulthandler restores its predecessor,
+ * which may be us, and raises again) is not chained to a second time: the default action ends it.
  * initial-exec TLS: the handler must not allocate a TLS block from signal context. */
 #define DC_TLS __thread __attribute__((tls_model("initial-exec")))
 static DC_TLS sigjmp_buf *dc_guard_env;
 static DC_TLS uintptr_t dc_guard_lo;
 static DC_TLS uintptr_t dc_guard_hi;
 static DC_TLS uintptr_t dc_fault_addr;
+static DC_TLS int dc_chaining;      /* this thread runs the previous handler, called from ours */
 static struct sigaction dc_prev_sigbus;
 
-static void dc_on_sigbus(int sig, siginfo_t *info, void *ucontext) {
-    sigjmp_buf *env = dc_guard_env;
-    uintptr_t addr = (uintptr_t)info->si_addr;
-    if (env != NULL && info->si_code > 0 && addr >= dc_guard_lo && addr < dc_guard_hi) {
-        dc_guard_env = NULL;
-        dc_fault_addr = addr;
-        siglongjmp(*env, 1);
-    }
-    if (dc_prev_sigbus.sa_flags & SA_SIGINFO) {
-        if (dc_prev_sigbus.sa_sigaction != NULL) {
-            dc_prev_sigbus.sa_sigaction(sig, info, ucontext);
-            return;
-        }
-    } else if (dc_prev_sigbus.sa_handler == SIG_IGN) {
-        return;
-    } else if (dc_prev_sigbus.sa_handler != SIG_DFL) {
-        dc_prev_sigbus.sa_handler(sig);
-        return;
-    }
-    /* Default action: restore it; a fault re-executes and dies as it would have without us,
-     * a signal sent by kill() is raised again. */
+static void dc_on_sigbus(int sig, siginfo_t *info, void *ucontext);
+
+/* What the kernel does without a handler: a fault re-executes and dies, a signal sent by kill()
+ * is raised again, both under the default action. */
+static void dc_sigbus_default(int sig, const siginfo_t *info) {
     signal(sig, SIG_DFL);
     if (info->si_code <= 0)
         raise(sig);
 }
 
-/* Install the handler unless it is already the current one; 0 or -1 with errno. */
+static void dc_on_sigbus(int sig, siginfo_t *info, void *ucontext) {
+    sigjmp_buf *env = dc_guard_env;
+    uintptr_t addr = (uintptr_t)info->si_addr;
+    struct sigaction prev;
+    if (env != NULL && info->si_code > 0 && addr >= dc_guard_lo && addr < dc_guard_hi) {
+        dc_guard_env = NULL;
+        dc_fault_addr = addr;
+        siglongjmp(*env, 1);
+    }
+    if (dc_chaining) {  /* called back by the handler we chained to: no ping-pong */
+        dc_sigbus_default(sig, info);
+        return;
+    }
+    prev = dc_prev_sigbus;
+    if (prev.sa_flags & SA_SIGINFO) {
+        if (prev.sa_sigaction != NULL && prev.sa_sigaction != dc_on_sigbus) {
+            dc_chaining = 1;
+            prev.sa_sigaction(sig, info, ucontext);
+            dc_chaining = 0;
+            return;
+        }
+    } else if (prev.sa_handler == SIG_IGN) {
+        if (info->si_code <= 0)
+            return;  /* sent by kill(): ignored, as asked */
+    } else if (prev.sa_handler != SIG_DFL) {
+        dc_chaining = 1;
+        prev.sa_handler(sig);
+        dc_chaining = 0;
+        return;
+    }
+    dc_sigbus_default(sig, info);
+}
+
+/* Install the handler unless it is already the current one (someone, faulthandler.enable() or
+ * signal.signal(), may have replaced it since); 0 or -1 with errno.  Called before every access
+ * that may fault: a SIGBUS lock, an unlocked read or write. */
 static int dc_install_sigbus_handler(void) {
     struct sigaction current, ours;
     if (sigaction(SIGBUS, NULL, &current) != 0)
@@ -224,6 +392,7 @@ static int dc_sigbus_handler_installed(void) {
 }
 
 static inline void dc_arm(sigjmp_buf *env, uintptr_t lo, uintptr_t hi) {
+    dc_chaining = 0;  /* a chained handler that left by longjmp never cleared it */
     dc_guard_lo = lo;
     dc_guard_hi = hi;
     __atomic_signal_fence(__ATOMIC_SEQ_CST);

@@ -86,6 +86,7 @@ cdef extern from *:
 
 cdef extern from "<unistd.h>" nogil:
     int _SC_PHYS_PAGES
+    int usleep(unsigned int usec)
     int dup(int fd)
 
 cdef extern from "<sys/stat.h>" nogil:
@@ -105,13 +106,22 @@ cdef extern from "_dckernel.h" nogil:
     int F_SEAL_GROW
     unsigned int MFD_ALLOW_SEALING
     uint64_t DC_COOKIE
+    int DC_COOKIE_MINCORE_PAGES
+    uint64_t DC_UNTOUCHED
+    int dc_mark_swapped(char *base, size_t npages, size_t page, unsigned char *vec)
     uint64_t dc_load_u64(uint64_t *word)
     uint64_t dc_cas_u64(uint64_t *word, uint64_t expected, uint64_t desired)
+    uint64_t dc_fetch_add_u64(uint64_t *word, uint64_t delta)
+    int dc_reopen_private(int fd)
+    int dc_ofd_lock_byte(int fd, uint64_t at)
+    int dc_ofd_byte_held(int fd, uint64_t at)
     void dc_cookie_unlock(char *base, size_t npages, size_t page, uint64_t *saved)
     size_t dc_cookie_lock(char *base, size_t npages, size_t page, const uint64_t *saved)
     int dc_uffd_open_sigbus()
     int dc_uffd_register_missing(int fd, void *addr, size_t length)
     long dc_uffd_zero_fill(int fd, char *addr, size_t length, size_t page)
+    long dc_uffd_fill_missing(int fd, char *base, size_t first, size_t npages, size_t page,
+                              unsigned char *vec)
     int dc_install_sigbus_handler()
     int dc_sigbus_handler_installed()
     int dc_guarded_copy(void *dst, const void *src, size_t n,

@@ -1,6 +1,8 @@
 # Probes of the kernel features the backends stand on, by the system calls themselves.
 # Included by _core.pyx; declared in _kernel.pxd.
 
+from libc.stdlib cimport calloc, free
+
 import operator as _operator
 import os as _os
 import time as _time
@@ -88,6 +90,27 @@ def probe_ashmem() -> tuple:
 
 MADV_FREE_VALUE = MADV_FREE
 MADV_PAGEOUT_VALUE = MADV_PAGEOUT
+# The cookie scheme's "page left untouched" mark, and the range size from which unlock looks
+# for such pages (tests write the mark into a page to check it is still told apart).
+_COOKIE_UNTOUCHED_MARK = DC_UNTOUCHED
+_COOKIE_MINCORE_PAGES = DC_COOKIE_MINCORE_PAGES
+
+
+def _swapped_pages(size_t address, size_t npages) -> int:
+    """How many pages of [address, +npages pages) pagemap says are swapped out; for tests of
+    what the cookie unlock uses when swap is configured."""
+    cdef unsigned char *vec = <unsigned char *>calloc(npages + 1, 1)
+    cdef size_t i, swapped = 0
+    if vec == NULL:
+        raise MemoryError()
+    try:
+        if dc_mark_swapped(<char *>address, npages, sysconf(_SC_PAGESIZE), vec) != 0:
+            raise _oserror(errno, "reading /proc/self/pagemap")
+        for i in range(npages):
+            swapped += vec[i]
+    finally:
+        free(vec)
+    return swapped
 
 
 def physical_memory() -> int:

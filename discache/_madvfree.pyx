@@ -44,17 +44,28 @@ cdef class MadvFreeMemory(MappedMemory):
             self._register_userfaultfd()
 
     def _register_userfaultfd(self):
-        """Populate every page, then register the mapping for SIGBUS on missing pages."""
+        """Register the mapping for SIGBUS on missing pages, then map the zero page in them."""
+        cdef long filled
         cdef Py_ssize_t i
         if dc_install_sigbus_handler() != 0:
             raise _oserror(errno, "cannot install the SIGBUS handler")
         self.residency = <unsigned char *>calloc(self.npages, 1)
         if self.residency == NULL:
             raise MemoryError(f"cannot allocate the bookkeeping of {self.npages} pages")
-        # A page never touched is missing too: it would fault on first use.
-        for i in range(self.npages):
-            self.base[i * self.page] = 0
+        if self.npages < DC_COOKIE_MINCORE_PAGES:
+            # Small: written like the cookie path writes small ranges (no system call per page).
+            for i in range(self.npages):
+                self.base[i * self.page] = 0
         self._register()
+        # A page never touched is missing too: it would fault on first use.  Map the shared zero
+        # page there (no memory used, never discarded) rather than writing each page.
+        while True:
+            filled = dc_uffd_fill_missing(self.uffd, self.base, 0, self.npages, self.page,
+                                          self.residency)
+            if filled < 0:
+                raise _oserror(errno, "UFFDIO_ZEROPAGE")
+            if filled == 0:
+                break
         _SIGBUS_MEMORIES.add(self)
 
     cdef int _register(self) except -1:
@@ -106,6 +117,9 @@ cdef class MadvFreeMemory(MappedMemory):
         self._check_open()
         if self.locked:
             raise RuntimeError("discardable memory is already locked (locks do not nest)")
+        # A purged page faults here: our handler must be the one to catch it.
+        if self.sigbus and dc_install_sigbus_handler() != 0:
+            raise _oserror(errno, "cannot reinstall the SIGBUS handler")
         if self.sigbus and self.uffd_lost:
             # Pages fault in as zeros now; which ones the kernel discarded cannot be known.
             dc_sigbus_lock(self.base, self.npages, self.page, -1, NULL)
@@ -141,9 +155,6 @@ cdef class MadvFreeMemory(MappedMemory):
         if not self.locked:
             raise RuntimeError("discardable memory is not locked")
         self._release_views()
-        if self.sigbus and not dc_sigbus_handler_installed():
-            if dc_install_sigbus_handler() != 0:
-                raise _oserror(errno, "cannot reinstall the SIGBUS handler")
         if self.npages >= MADVFREE_NOGIL_PAGES:
             self.busy = True
             with nogil:

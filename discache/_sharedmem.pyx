@@ -1,8 +1,16 @@
 # Chromium's DiscardableSharedMemory on a memfd.  Page 0 is a header whose first word is the
-# shared state: bit 0 = locked, bits 1..63 = the time of the last unlock in microseconds (zero
-# while locked and after a purge).  It changes only by compare-and-swap, so any number of
-# processes mapping the memfd agree on it.  Purging punches a hole: the pages read back as zeros;
-# the purge holds the lock bit until the hole is punched.
+# shared state: bit 0 = locked; bits 1..63 = the time of the last unlock in microseconds while
+# unlocked (zero after a purge), and the holder's id while locked (Chromium keeps them zero).  It
+# changes only by compare-and-swap, so any number of processes mapping the memfd agree on it.
+# Purging punches a hole: the pages read back as zeros; the purge holds the lock until the hole
+# is punched.
+#
+# A holder that dies (exit, crash, SIGKILL, close() or garbage collection while locked) must not
+# leave the segment locked forever.  Each instance gets an id from a shared counter and
+# write-locks the byte at offset `id` of the memfd through an open file description of its own
+# (an OFD lock: the kernel drops it when the description's last fd closes, so when the holder
+# dies).  A lock() or purge() that finds the segment locked by an id whose byte nobody holds
+# takes the lock over; the dead holder's pages are undefined, so they are purged.
 # Included by _core.pyx; declared in _sharedmem.pxd.
 
 import enum as _enum
@@ -15,6 +23,7 @@ from libc.string cimport memset
 
 cdef uint64_t SHARED_MAGIC = 0x4D48534843414344
 cdef uint64_t STATE_LOCKED = 1
+cdef Py_ssize_t HEADER_IDS = 3      # header word: how many instance ids were handed out
 cdef int SEALS = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL
 
 
@@ -38,11 +47,17 @@ cdef inline uint64_t _usage_from(object now) except? 0:
     return <uint64_t>round(now * 1_000_000)
 
 
+cdef inline uint64_t _unlock_time(uint64_t state):
+    """The time of the last unlock a state word holds; 0 (null) while locked or purged."""
+    return 0 if state & STATE_LOCKED else state >> 1
+
+
 cdef class DiscardableSharedMemory:
     """Discardable memory shared between processes through a memfd (Chromium's design)."""
 
     def __cinit__(self):
         self.fd = -1
+        self.life_fd = -1
 
     def __init__(self):
         raise TypeError("use DiscardableSharedMemory.create(nbytes) or .open(fd, nbytes)")
@@ -105,17 +120,18 @@ cdef class DiscardableSharedMemory:
         self.base = <char *>mapping
         header = <uint64_t *>self.base
         self.state = header
-        if create:
-            header[1] = SHARED_MAGIC
-            header[2] = nbytes
-            header[0] = STATE_LOCKED  # created locked, with a null timestamp
-        elif header[1] != SHARED_MAGIC or header[2] != <uint64_t>nbytes:
+        if not create and (header[1] != SHARED_MAGIC or header[2] != <uint64_t>nbytes):
             munmap(self.base, self.mapped)
             self.base = NULL
             raise ValueError(f"fd is not a discache shared segment of {nbytes} bytes")
+        self._join_segment()
+        if create:
+            header[1] = SHARED_MAGIC
+            header[2] = nbytes
+            header[0] = STATE_LOCKED | (self.holder << 1)  # created locked by this instance
         else:
             # Start from the state as it is now: unlocked since t -> t; locked or purged -> null.
-            self.last_usage = dc_load_u64(self.state) >> 1
+            self.last_usage = _unlock_time(dc_load_u64(self.state))
         self.page_locked = <unsigned char *>calloc(self.npages, 1)
         if self.page_locked == NULL:
             raise MemoryError()
@@ -124,11 +140,44 @@ cdef class DiscardableSharedMemory:
             self.locked_pages = self.npages
         return 0
 
+    cdef int _join_segment(self) except -1:
+        """Take an id and hold its byte through a private open file description while alive."""
+        self.life_fd = dc_reopen_private(self.fd)
+        self.can_recover = self.life_fd >= 0
+        if not self.can_recover:
+            # No /proc: a dup shares the description (and its locks) with whoever else has it,
+            # so a free byte would prove nothing; this instance never takes a lock over.
+            self.life_fd = dup(self.fd)
+            if self.life_fd < 0:
+                raise _oserror(errno, "dup of the memfd")
+        self.holder = dc_fetch_add_u64(self.state + HEADER_IDS, 1) + 1
+        if self.holder >= (<uint64_t>1 << 62):
+            raise OverflowError("the segment has handed out every instance id")
+        if dc_ofd_lock_byte(self.life_fd, self.holder) != 0:
+            raise _oserror(errno, "fcntl(F_OFD_SETLK) on the memfd")
+        return 0
+
+    cdef bint _holder_alive(self, uint64_t state):
+        """Is the holder named by a locked state word alive (its byte still locked)?"""
+        cdef uint64_t holder = state >> 1
+        if holder == self.holder or not self.can_recover:
+            return True
+        # An error (no OFD locks?) counts as alive: never take a live holder's lock.
+        return dc_ofd_byte_held(self.life_fd, holder) != 0
+
+    cdef bint _take_over(self, uint64_t found) except -1:
+        """Take the lock from a dead holder (found: the locked state word); True if taken."""
+        if not (found & STATE_LOCKED) or self._holder_alive(found):
+            return False
+        return dc_cas_u64(self.state, found, STATE_LOCKED | (self.holder << 1)) == found
+
     def __dealloc__(self):
         if self.base != NULL:
             munmap(self.base, self.mapped)
         if self.fd >= 0:
             close(self.fd)
+        if self.life_fd >= 0:
+            close(self.life_fd)
         free(self.page_locked)
 
     cdef int _check_open(self) except -1:
@@ -157,6 +206,18 @@ cdef class DiscardableSharedMemory:
 
     def lock(self, offset=0, length=0) -> LockResult:
         """Lock pages [offset, offset+length) (0: to the end): SUCCESS, PURGED or FAILED."""
+        # Counted while it runs: a purge looping in another thread yields to it (else it could
+        # hold the lock bit, or the instance for its hole punch, at every attempt).
+        self.lockers += 1
+        try:
+            while self.busy and self.base != NULL:
+                with nogil:
+                    usleep(50)  # a hole punch of this instance runs in another thread
+            return self._lock(offset, length)
+        finally:
+            self.lockers -= 1
+
+    cdef object _lock(self, object offset, object length):
         cdef Py_ssize_t first, end, i
         cdef uint64_t expected, found
         cdef bint purged = False
@@ -169,10 +230,18 @@ cdef class DiscardableSharedMemory:
             # Only the first lock takes the shared lock bit; it needs the state this instance
             # last saw, so a purge (or another unlock) in between makes it fail.
             expected = self.last_usage << 1
-            found = dc_cas_u64(self.state, expected, STATE_LOCKED)
+            found = dc_cas_u64(self.state, expected, STATE_LOCKED | (self.holder << 1))
             if found != expected:
-                self.last_usage = found >> 1
-                return LockResult.FAILED
+                if not self._take_over(found):
+                    self.last_usage = _unlock_time(found)
+                    return LockResult.FAILED
+                # Its holder died holding it, maybe mid-write or mid-purge: start from zeros.
+                self.last_usage = 0
+                try:
+                    self._punch()
+                except BaseException:
+                    dc_cas_u64(self.state, STATE_LOCKED | (self.holder << 1), 0)
+                    raise
             purged = self.last_usage == 0
         for i in range(first, end):
             self.page_locked[i] = 1
@@ -190,8 +259,8 @@ cdef class DiscardableSharedMemory:
                 raise RuntimeError(f"page {i} is not locked by this instance")
         if self.locked_pages == end - first:
             now = _usage_now()
-            found = dc_cas_u64(self.state, STATE_LOCKED, now << 1)
-            if found != STATE_LOCKED:
+            found = dc_cas_u64(self.state, STATE_LOCKED | (self.holder << 1), now << 1)
+            if found != STATE_LOCKED | (self.holder << 1):
                 raise RuntimeError("the shared state is not locked: another process unlocked "
                                    "or corrupted it")
             self.last_usage = now
@@ -202,13 +271,16 @@ cdef class DiscardableSharedMemory:
     def purge(self, now=None) -> bool:
         """Free the pages if unlocked and unused since last_known_usage; False refreshes it."""
         cdef uint64_t usage = _usage_from(now)
-        cdef uint64_t expected, found
+        cdef uint64_t expected, found, mine
         self._check_open()
+        if self.lockers:
+            return False  # a lock() of this instance waits in another thread: let it through
         expected = self.last_usage << 1
-        # Hold the lock bit while punching: published as purged before the punch, the state
-        # would let a lock elsewhere get PURGED and write into pages the punch then zeroes.
-        found = dc_cas_u64(self.state, expected, STATE_LOCKED)
-        if found != expected:
+        mine = STATE_LOCKED | (self.holder << 1)
+        # Hold the lock while punching: published as purged before the punch, the state would
+        # let a lock elsewhere get PURGED and write into pages the punch then zeroes.
+        found = dc_cas_u64(self.state, expected, mine)
+        if found != expected and not self._take_over(found):
             # Locked: remember `now`, so a caller can tell "locked" from "stale".
             self.last_usage = usage if found & STATE_LOCKED else found >> 1
             return False
@@ -217,7 +289,7 @@ cdef class DiscardableSharedMemory:
             self._punch()
         finally:
             # Purged even if the punch failed part-way: the next lock must report it.
-            dc_cas_u64(self.state, STATE_LOCKED, 0)
+            dc_cas_u64(self.state, mine, 0)
         return True
 
     cdef int _punch(self) except -1:
@@ -232,9 +304,24 @@ cdef class DiscardableSharedMemory:
         return 0
 
     def _state_word(self) -> int:
-        """The shared state word, read atomically (lock bit | unlock time << 1); for tests."""
+        """The shared state read atomically, as Chromium's word (lock bit | unlock time << 1,
+        the holder's id left out); for tests."""
+        cdef uint64_t state
         self._check_open()
-        return dc_load_u64(self.state)
+        state = dc_load_u64(self.state)
+        return STATE_LOCKED if state & STATE_LOCKED else state
+
+    def _holder_id(self) -> int:
+        """The id of the instance holding the lock (0 when unlocked); for tests."""
+        cdef uint64_t state
+        self._check_open()
+        state = dc_load_u64(self.state)
+        return state >> 1 if state & STATE_LOCKED else 0
+
+    @property
+    def instance_id(self) -> int:
+        """This instance's id in the segment (what the state word names while it holds it)."""
+        return self.holder
 
     def is_memory_resident(self) -> bool:
         """False once purged (until locked again)."""
@@ -244,9 +331,11 @@ cdef class DiscardableSharedMemory:
         return bool(state & STATE_LOCKED) or (state >> 1) != 0
 
     def is_memory_locked(self) -> bool:
-        """True while any instance, in any process, holds the lock."""
+        """True while any live instance, in any process, holds the lock."""
+        cdef uint64_t state
         self._check_open()
-        return bool(dc_load_u64(self.state) & STATE_LOCKED)
+        state = dc_load_u64(self.state)
+        return bool(state & STATE_LOCKED) and self._holder_alive(state)
 
     @property
     def last_known_usage(self) -> float | None:
@@ -307,6 +396,8 @@ cdef class DiscardableSharedMemory:
         self.state = NULL
         close(self.fd)
         self.fd = -1
+        close(self.life_fd)  # a lock still held here is now a dead holder's: others take it
+        self.life_fd = -1
 
     def __enter__(self) -> DiscardableSharedMemory:
         return self

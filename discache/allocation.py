@@ -1,24 +1,17 @@
-"""discache.allocate, DiscardableMemoryAllocator and force_reclaim: memory from a backend chosen by
-name in the registry (discache.backends)."""
+"""discache.allocate and DiscardableMemoryAllocator: memory from a backend chosen by name in the
+registry (discache.backends)."""
 from __future__ import annotations
 
 import weakref
 from typing import Any
 
 from . import _core, backends
-from .memory import DiscardableMemory, Reclaimable
+from .memory import DiscardableMemory
 
 
 def allocate(nbytes: int, backend: str = "auto", *, sigbus: bool = False) -> DiscardableMemory:
     """New discardable memory of nbytes, returned locked."""
     return backends.get(backend, sigbus=sigbus).allocate(nbytes)
-
-
-def force_reclaim(mem: Any) -> int:
-    """Make the kernel reclaim mem's unlocked pages now; returns how many pages are gone."""
-    if not isinstance(mem, Reclaimable):
-        raise TypeError(f"cannot reclaim a {type(mem).__name__}")
-    return mem._force_reclaim()
 
 
 class DiscardableMemoryAllocator:

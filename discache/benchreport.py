@@ -222,22 +222,51 @@ def cache_key(info: dict) -> tuple[str, str, int]:
 
 
 def cache_section(benches: list[Bench]) -> tuple[list[str], dict[str, dict[str, Series]]]:
-    """Cache hits (and relocks) by value size, against cachetools.LRUCache's hit."""
+    """Cache ops by value size, each against its baseline; then the targets, met or not.
+
+    A benchmark names its baseline row in extra_info (`baseline`: an implementation, of the same
+    op unless `baseline_op` says another), else it is compared with cachetools.LRUCache's same op
+    (or first op); `ops` is the count of operations one call times; `target` a ratio to meet."""
     rows: dict[tuple, dict[int, float]] = defaultdict(dict)
+    named: dict[tuple, tuple] = {}
+    targets: dict[tuple, float] = {}
     for b in benches:
-        op, impl, pages = cache_key(b["extra_info"])
-        rows[(op, impl)][pages] = median(b)
+        info = b["extra_info"]
+        op, impl, pages = cache_key(info)
+        rows[(op, impl)][pages] = median(b) / (info.get("ops") or 1)
+        if "baseline" in info:
+            named[(op, impl)] = (str(info.get("baseline_op", op)), str(info["baseline"]))
+        if "target" in info:
+            targets[(op, impl)] = float(info["target"])
     base_name = "cachetools.LRUCache"
     bases = [k for k in rows if k[1] == base_name]
 
     def baseline(key):
-        if key[1] == base_name or not bases:
-            return None
+        if key in named:
+            return named[key]
+        if key[1] == base_name or key in named.values() or not bases:
+            return None  # a baseline has no ratio of its own
         return (key[0], base_name) if (key[0], base_name) in rows else sorted(bases)[0]
 
-    out = ["Median cost of one lookup by value size. In parentheses: the ratio to "
-           f"`{base_name}`'s hit (same op where it has one) at the same size.", ""]
+    out = ["Median cost of one operation by value size. In parentheses: the ratio to the row the "
+           f"benchmark names as its baseline, else to `{base_name}` (same op where it has one) at "
+           "the same size.", ""]
     out += size_table(["op", "implementation"], rows, baseline)
+    if targets:
+        out += ["", "Targets: the ratio to the baseline measured in the same run.", "",
+                "| op | implementation | baseline | size | ratio | target | met |",
+                "|---|---|---|---|---|---|---|"]
+        for key in sorted(targets):
+            base = baseline(key)
+            against = ("" if base is None else base[1] if base[0] == key[0]
+                       else f"{base[1]} ({base[0]})")
+            for pages, cost in sorted(rows[key].items()):
+                base_cost = rows.get(base, {}).get(pages) if base is not None else None
+                ratio = cost / base_cost if base_cost else None
+                met = "" if ratio is None else "yes" if ratio <= targets[key] else "no"
+                out.append(f"| {key[0]} | {key[1]} | {against} | {pages_header(pages)} | "
+                           f"{fmt_ratio(ratio) if ratio is not None else 'no baseline'} | "
+                           f"<= {fmt_ratio(targets[key])} | {met} |")
     panels: dict[str, dict[str, Series]] = defaultdict(dict)
     for (op, impl), by_size in rows.items():
         panels[op][impl] = by_size
@@ -325,8 +354,8 @@ SECTIONS = {
                "bench/bench_pagetable.py"),
     "roundtrip": ("Lock/unlock roundtrip by backend, against the bare stdlib madvise",
                   roundtrip_section, "bench/bench_backends.py"),
-    "cache": ("Cache hit: DiscardableCache against cachetools.LRUCache and functools.lru_cache",
-              cache_section,
+    "cache": ("Cache hit, miss and set: DiscardableCache against cachetools and "
+              "functools.lru_cache", cache_section,
               "bench/bench_cache.py"),
     "sim": ("Simulated kernel: madvise cost and throughput", sim_section, "bench/bench_sim.py"),
     "other": ("Other benchmarks", other_section, ""),

@@ -1,8 +1,13 @@
 """DiscardableCache: a bytes cache whose idle entries the kernel may reclaim, with exact loss reports."""
 from __future__ import annotations
 
+import copy as _copy
 import functools
+import math
+import operator
+import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import MutableMapping
 from contextlib import contextmanager
@@ -10,12 +15,18 @@ from typing import Any, Callable, Hashable, Iterator, NamedTuple, Optional
 
 import mmh3
 
-from ._core import SWEEP_EVERY, CacheCore, CacheEntry, CacheShard
+from . import idle
+from ._cache import MISSING, CacheCore, CacheEntry, EntryView, Slab, init_classes
 from .errors import PinnedError
-from .manager import PAGE, DiscardableMemoryManager, ManagedMemory, default_manager
+from .manager import PAGE, DiscardableMemoryManager, default_manager
+
+init_classes(PAGE)
+from ._cache import SIZE_CLASSES  # noqa: E402,F811  (filled by init_classes)
 
 EVICTION_REASONS = ("size", "purged", "explicit")
-PURGED_KEYS_KEPT = 4096  # per shard: purged keys remembered to count their regeneration
+PURGED_KEYS_KEPT = 65536  # purged keys remembered, only to count their regeneration
+IDLE_TICKS = 2  # ticks per idle_unlock: an entry is unlocked within 1.5 x idle_unlock of its use
+MIN_TICK = 0.001  # seconds between ticks at least (idle_unlock=0: about a millisecond after use)
 
 
 class CacheInfo(NamedTuple):
@@ -27,426 +38,759 @@ class CacheInfo(NamedTuple):
     currsize: int
 
 
+def _size(value: Any, what: str) -> int:
+    """An int number of bytes >= 0 (numpy integers welcome; bool, float and negatives refused)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be an int, got bool")
+    try:
+        size = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}") from None
+    if size < 0:
+        raise ValueError(f"{what} must be >= 0, got {size}")
+    return size
+
+
+def _idle_seconds(value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(
+            value, "__float__"):
+        raise TypeError(f"idle_unlock must be a number of seconds or None, got {value!r}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"idle_unlock must be a finite number of seconds >= 0 (0: unlock right "
+                         f"after each use; None: no idle timer), got {value!r}")
+    return seconds
+
+
 class DiscardableCache(CacheCore, MutableMapping):
     """A mapping of keys to byte buffers held in discardable memory.
 
-    Recently used entries stay locked, so a hit costs no system call; entries idle for
-    `idle_unlock` seconds are unlocked in batches (one madvise per run of adjacent spans) and may
-    then be reclaimed by the kernel or purged by the manager.  A purged entry is never returned:
-    `get` answers None, drops it and reports it through `on_evict(key, "purged")`.
+    Values share slabs of equal slots (one size class per slab; a value above the largest class
+    gets a slab of its own); a slab locks and unlocks as one.  Slabs not read for `idle_unlock`
+    seconds are unlocked by the process's idle timer, and may then be reclaimed by the kernel or
+    purged by the manager.  A purged entry is never returned: reads answer missing, drop every
+    entry of the slab and report them through `on_evict(key, "purged")`.
     """
 
     def __init__(
         self,
         maxsize: int,
         backend: str = "auto",
-        getsizeof: Optional[Callable[[Any], int]] = len,
+        getsizeof: Optional[Callable[[Any], int]] = None,
         verify: bool = False,
         on_evict: Optional[Callable[[Hashable, str], None]] = None,
         *,
         manager: Optional[DiscardableMemoryManager] = None,
-        shards: int = 16,
-        idle_unlock: float = 1.0,
+        idle_unlock: Optional[float] = 1.0,
     ) -> None:
-        if not isinstance(maxsize, int) or maxsize <= 0:
-            raise ValueError(f"maxsize must be a positive number of bytes, got {maxsize!r}")
-        if shards < 1 or shards & (shards - 1):
-            raise ValueError(f"shards must be a power of two, got {shards!r}")
-        if idle_unlock < 0:
-            raise ValueError(f"idle_unlock must be >= 0 seconds, got {idle_unlock!r}")
+        maxsize = _size(maxsize, "maxsize")
+        idle_unlock = _idle_seconds(idle_unlock)
+        if getsizeof is not None and not callable(getsizeof):
+            raise TypeError("getsizeof must be callable")
         if on_evict is not None and not callable(on_evict):
             raise TypeError("on_evict must be callable")
         if manager is None:
             manager = default_manager() if backend == "auto" else DiscardableMemoryManager(
                 backend=backend)
+        elif not isinstance(manager, DiscardableMemoryManager):
+            raise TypeError(f"manager must be a DiscardableMemoryManager, got "
+                            f"{type(manager).__name__}")
         elif backend not in ("auto", manager.backend):
             raise ValueError(f"backend {backend!r} differs from the manager's {manager.backend!r}")
         self.manager = manager
-        self.maxsize = maxsize
-        self.getsizeof = getsizeof or len
-        self.verify = verify
-        self.on_evict = on_evict
+        self.maxsize_ = maxsize
+        if getsizeof is not None:
+            self.getsizeof = getsizeof  # type: ignore[method-assign]
+        self.default_size = getsizeof is None and type(self).getsizeof is DiscardableCache.getsizeof
+        self.verify = bool(verify)
+        self.on_evict_ = on_evict
         self.idle_unlock = idle_unlock
-        self._init_shards(shards)
-        for shard in self._shards:
-            shard.lock = threading.RLock()
-        self._size_lock = threading.Lock()  # currsize and the counters the shards share
-        self._currsize = 0
-        self._last_sweep = manager.clock()
-        self.evictions = {reason: 0 for reason in EVICTION_REASONS}
+        self.lock_ = threading.RLock()
+        self.partial_ = [[] for _ in SIZE_CLASSES]
+        self._slabs: set[Slab] = set()  # every open slab
+        self._locked_slabs: set[Slab] = set()
+        self._scheduled = False  # an idle tick is pending
+        self._orphans: list[Slab] = []  # slabs whose last pin went while the lock was busy
+        self.purged_keys_ = OrderedDict()
+        self._evictions = {reason: 0 for reason in EVICTION_REASONS if reason != "size"}
         self.regenerations = 0
         self.purges_detected = 0
-        self.purged_bytes = 0  # bytes of entries found purged
-        self.relocks = 0  # idle entries locked again intact
+        self.purged_bytes = 0  # bytes of slabs found purged
+        self.relocks = 0  # slabs locked again intact
+        self.too_large = 0  # values get_or_create and cached returned without storing
+        # A cache dropped without close() gives its memory back.
+        self._finalizer = weakref.finalize(self, _close_slabs, self._slabs)
+        manager.register_cache(self)
+        _CACHES[id(self)] = self
 
-    # ------------------------------------------------------------------ the mapping
+    # ------------------------------------------------------------------ sizes
+
+    @staticmethod
+    def getsizeof(value: Any) -> int:
+        """The size of a value: its bytes (a subclass or the getsizeof argument may say else)."""
+        with memoryview(value) as view:
+            return view.nbytes
+
+    @property
+    def on_evict(self) -> Optional[Callable[[Hashable, str], None]]:
+        """Called as on_evict(key, reason) for every entry leaving other than by close()."""
+        return self.on_evict_
+
+    @property
+    def evictions(self) -> dict[str, int]:
+        """Entries evicted, by reason ("size", "purged", "explicit")."""
+        return {"size": self.evicted_for_size_, **self._evictions}
+
+    @property
+    def maxsize(self) -> int:
+        """The most currsize may be."""
+        return self.maxsize_
 
     @property
     def currsize(self) -> int:
         """Sum of getsizeof(value) over the entries."""
-        return self._currsize
+        return self.currsize_
 
-    def _get_slow(self, key: Hashable, default: Any) -> Any:
-        """get() for what the compiled hit path does not serve: misses, unlocked entries and
-        entries read through their memory object."""
-        shard = self._shard(key)
-        with shard.lock:
-            entry = shard.entries.get(key)
-            if entry is None:
-                shard.misses += 1
-                return default
-            if entry.locked or self._relock(shard, entry):
-                entry.used = True
-                shard.touch(entry)
-                shard.hits += 1
-                shard.ops += 1
-                value = b"" if entry.mem is None else entry.mem.read(0, entry.size)
-            else:
-                shard.misses += 1
-                value = _MISSING
-        # Outside the shard's lock: sweeps take every shard's lock, callbacks may use the cache.
-        if value is _MISSING:
-            self._evicted(key, "purged")
-            return default
-        self._maybe_sweep(shard)
-        return value
+    def _weigh(self, value: Any) -> int:
+        """getsizeof(value), checked: an int >= 0."""
+        return _size(self.getsizeof(value), "getsizeof(value)")
 
-    def __getitem__(self, key: Hashable) -> bytes:
-        value = self.get(key, _MISSING)
-        if value is _MISSING:
-            raise KeyError(key)
-        return value
+    # ------------------------------------------------------------------ the mapping
+
+    def __delitem__(self, key: Hashable) -> None:
+        with self.lock_:
+            entry = self.entries_[key]
+            if entry.pins:
+                raise PinnedError(f"{key!r} is pinned: unpin it (or end its view) before "
+                                  "deleting it")
+            self._detach(entry)
+        self._report([key], "explicit")
+
+    def __missing__(self, key: Hashable) -> bytes:
+        raise KeyError(key)
 
     def __contains__(self, key: object) -> bool:
         """True if the key has an entry (it may still turn out purged when read)."""
-        return key in self._shard(key).entries  # type: ignore[arg-type]
-
-    def __setitem__(self, key: Hashable, value: Any) -> None:
-        weight = self.getsizeof(value)
-        if weight > self.maxsize:
-            raise ValueError(f"value too large: {weight} bytes for a cache of {self.maxsize}")
-        self._refuse_if_pinned(key)
-        with memoryview(value) as view, view.cast("B") as data:
-            size = data.nbytes
-            mem = self.manager.allocate(size) if size else None
-            try:
-                if mem is not None:
-                    mem.write(data)
-            except BaseException:
-                mem.close()
-                raise
-        entry = CacheEntry()
-        entry.key = key
-        entry.size = size
-        entry.weight = weight
-        entry.locked = entry.used = True
-        if mem is not None:
-            segment = mem._segment
-            raw = getattr(segment, "address", None)
-            entry.bind(mem, raw + mem.offset if raw is not None else 0)
-        shard = self._shard(key)
-        with shard.lock:
-            old = shard.entries.get(key)
-            if old is not None and old.pins:  # pinned since the check above
-                if mem is not None:
-                    mem.close()
-                raise PinnedError(f"{key!r} is pinned: unpin it before replacing it")
-            if old is not None:
-                shard.remove(key)
-                self._release(old, weight=True)
-            shard.add(entry)
-            shard.purged_keys.pop(key, None)
-            with self._size_lock:
-                self._currsize += weight
-        self._evict_for_size(shard)
-
-    def __delitem__(self, key: Hashable) -> None:
-        shard = self._shard(key)
-        with shard.lock:
-            entry = shard.entries[key]
-            if entry.pins:
-                # Its memory may be viewed right now: freeing it would pull it from under the view.
-                raise PinnedError(f"{key!r} is pinned: unpin it before deleting it")
-            shard.remove(key)
-            self._release(entry, weight=True)
-        self._evicted(key, "explicit")
-
-    def _refuse_if_pinned(self, key: Hashable) -> None:
-        shard = self._shard(key)
-        with shard.lock:
-            entry = shard.entries.get(key)
-            if entry is not None and entry.pins:
-                raise PinnedError(f"{key!r} is pinned: unpin it before replacing it")
+        return key in self.entries_
 
     def __len__(self) -> int:
-        return sum(len(shard.entries) for shard in self._shards)
+        return len(self.entries_)
 
     def __iter__(self) -> Iterator[Hashable]:
-        for shard in self._shards:
-            with shard.lock:
-                keys = list(shard.entries)
-            yield from keys
+        """The keys of intact entries (unlocked slabs are checked first)."""
+        with self.lock_:
+            self._check_unlocked()
+            keys = list(self.entries_)
+        self._flush()
+        return iter(keys)
+
+    def items(self) -> list[tuple[Hashable, bytes]]:  # type: ignore[override]
+        """(key, bytes) of every intact entry, a snapshot."""
+        with self.lock_:
+            self._check_unlocked()
+            pairs = [(key, self._read(entry)) for key, entry in self.entries_.items()]
+        self._flush()
+        return pairs
+
+    def values(self) -> list[bytes]:  # type: ignore[override]
+        """The bytes of every intact entry, a snapshot."""
+        return [value for _, value in self.items()]
+
+    def pop(self, key: Hashable, default: Any = MISSING) -> Any:
+        """Remove the entry and return its bytes; default (or KeyError) if missing or purged."""
+        with self.lock_:
+            value = self._get_locked(key, touch=False)
+            if value is not MISSING:
+                entry = self.entries_[key]
+                if entry.pins:
+                    raise PinnedError(f"{key!r} is pinned: unpin it (or end its view) before "
+                                      "removing it")
+                self._detach(entry)
+        self._flush()
+        if value is MISSING:
+            if default is MISSING:
+                raise KeyError(key)
+            return default
+        self._report([key], "explicit")
+        return value
+
+    def popitem(self) -> tuple[Hashable, bytes]:
+        """Remove and return the least recently used unpinned entry that is intact."""
+        while True:
+            with self.lock_:
+                entry = self._oldest_unpinned()
+                if entry is None:
+                    break
+                key = entry.key
+                value = self._get_locked(key, touch=False)
+                if value is not MISSING:
+                    self._detach(self.entries_[key])
+            self._flush()
+            if value is not MISSING:
+                self._report([key], "explicit")
+                return key, value
+        raise KeyError(f"{type(self).__name__} is empty") from None
+
+    def setdefault(self, key: Hashable, default: Any = None) -> Any:
+        """The value if present, else store default and return it."""
+        value = self.get(key, MISSING)
+        if value is MISSING:
+            self[key] = value = default
+        return value
+
+    def clear(self) -> None:
+        """Drop every entry but the pinned ones (reported as explicit evictions)."""
+        with self.lock_:
+            dropped = [entry.key for entry in self._lru() if not entry.pins]
+            for key in dropped:
+                self._detach(self.entries_[key])
+        self._report(dropped, "explicit")
 
     def __repr__(self) -> str:
-        return (f"DiscardableCache(maxsize={self.maxsize}, currsize={self._currsize}, "
+        return (f"{type(self).__name__}(maxsize={self.maxsize_}, currsize={self.currsize_}, "
                 f"entries={len(self)}, backend={self.manager.backend!r})")
+
+    # ------------------------------------------------------------------ copies and pickles
+
+    def _settings(self) -> dict[str, Any]:
+        settings: dict[str, Any] = {"maxsize": self.maxsize_, "verify": self.verify,
+                                    "idle_unlock": self.idle_unlock}
+        if "getsizeof" in self.__dict__:
+            settings["getsizeof"] = self.__dict__["getsizeof"]
+        if self.on_evict is not None:
+            settings["on_evict"] = self.on_evict
+        return settings
+
+    def _entries_lru(self) -> list[tuple[Hashable, bytes]]:
+        with self.lock_:
+            self._check_unlocked()
+            pairs = [(entry.key, self._read(entry)) for entry in self._lru()]
+        self._flush()
+        return pairs
+
+    def __copy__(self) -> "DiscardableCache":
+        clone = type(self).__new__(type(self))
+        DiscardableCache.__init__(clone, manager=self.manager, **self._settings())
+        clone.__setstate__(self._entries_lru())
+        return clone
+
+    def __deepcopy__(self, memo: dict) -> "DiscardableCache":
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        settings = _copy.deepcopy(self._settings(), memo)
+        DiscardableCache.__init__(clone, manager=self.manager, **settings)
+        clone.__setstate__([(_copy.deepcopy(k, memo), v) for k, v in self._entries_lru()])
+        return clone
+
+    def __reduce__(self) -> Any:
+        manager = self.manager
+        where = None if manager is _default_manager_if_any() else (manager.limit, manager.backend)
+        return (_unpickle, (type(self), self._settings(), where), self._entries_lru())
+
+    def __setstate__(self, state: list[tuple[Hashable, bytes]]) -> None:
+        for key, value in state:
+            try:
+                self[key] = value
+            except ValueError:  # larger than this cache's maxsize: not kept, as on a set
+                pass
 
     # ------------------------------------------------------------------ beyond a mapping
 
     def get_or_create(self, key: Hashable, factory: Callable[[], Any]) -> bytes:
-        """The value, or factory()'s result stored and returned when missing or purged."""
-        value = self.get(key, _MISSING)
-        if value is not _MISSING:
+        """The value, or factory()'s result stored and returned when missing or purged (a
+        result too large for the cache is returned without being stored)."""
+        value = self.get(key, MISSING)
+        if value is not MISSING:
             return value
         created = factory()
-        shard = self._shard(key)
-        with shard.lock:
-            regenerated = shard.purged_keys.pop(key, _MISSING) is not _MISSING
-        if regenerated:
-            with self._size_lock:
+        with memoryview(created) as view:
+            result = view.tobytes()
+        with self.lock_:
+            if self.purged_keys_.pop(key, MISSING) is not MISSING:
                 self.regenerations += 1
         try:
-            self[key] = created
+            self[key] = result
         except PinnedError:
             pass  # another thread stored the key meanwhile and is reading it: keep its value
-        with memoryview(created) as view:
-            return view.tobytes()
+        except ValueError:
+            with self.lock_:
+                self.too_large += 1
+        return result
 
     @contextmanager
     def view(self, key: Hashable) -> Iterator[memoryview]:
-        """Zero-copy read-only access to the entry while it is held locked; KeyError if missing
-        or purged."""
-        self.pin(key)
-        shard = self._shard(key)
-        with shard.lock:
-            entry = shard.entries[key]
-            entry.used = True  # a read like get(): recently used, not idle
-            shard.touch(entry)
-        if entry.mem is None:
-            mv = memoryview(b"")
-        else:
-            mv = entry.mem.data[:entry.size].toreadonly()
+        """Zero-copy read-only access to the entry; KeyError if missing or purged.  The entry
+        stays pinned while the view, or any slice of it, lives."""
+        with self.lock_:
+            entry = self._pin(key, view=True)
+            self._touch(entry)
+            if entry.slab is not None:
+                entry.slab.used = True
+        self._flush()
+        mv = memoryview(EntryView(self, entry))  # holds the pin until its last buffer goes
         try:
             yield mv
         finally:
             mv.release()
-            self.unpin(key)
 
     def pin(self, key: Hashable) -> None:
         """Keep the entry locked (never unlocked, reclaimed or evicted) until unpin; KeyError
         if missing or purged."""
-        shard = self._shard(key)
-        with shard.lock:
-            entry = shard.entries.get(key)
-            if entry is None:
-                raise KeyError(key)
-            purged = not entry.locked and not self._relock(shard, entry)
-            if not purged:
-                entry.pins += 1
-        if purged:
-            self._evicted(key, "purged")
-            raise KeyError(key)
+        with self.lock_:
+            self._pin(key)
+        self._flush()
 
     def unpin(self, key: Hashable) -> None:
         """Undo one pin."""
-        shard = self._shard(key)
-        with shard.lock:
-            entry = shard.entries[key]
-            if entry.pins == 0:
+        with self.lock_:
+            entry = self.entries_[key]
+            if entry.pins - entry.views == 0:
                 raise ValueError(f"{key!r} is not pinned")
-            entry.pins -= 1
+            if entry.change_pins(-1) == 0:
+                self._last_pin_gone(entry.slab)
+
+    def _pin(self, key: Hashable, view: bool = False) -> CacheEntry:
+        entry = self.entries_.get(key)
+        if entry is None or not self._ensure_locked(entry):
+            raise KeyError(key)
+        entry.change_pins(1, view)
+        return entry
+
+    def _last_pin_gone(self, slab: Slab) -> None:
+        """A slab's last pin (or view) went: close it if the cache dropped it, else let the idle
+        timer see it.  A view's buffer may be released in any thread, even one holding another
+        lock (the manager's, in a garbage collection): never wait for the cache's lock here."""
+        if not self.lock_.acquire(blocking=False):
+            self._orphans.append(slab)  # the next idle tick finishes the work
+            idle.TIMER.schedule(self, 0)
+            return
+        try:
+            self._settle(slab)
+        finally:
+            self.lock_.release()
+
+    def _settle(self, slab: Slab) -> None:
+        """Close an unpinned slab the cache dropped; make sure an unpinned locked one is timed."""
+        if slab.pins:
+            return
+        if slab.doomed:
+            self._close_slab(slab)
+        elif slab.locked:
+            self._schedule()
 
     def sweep(self, idle: Optional[float] = None) -> int:
-        """Unlock entries not used for `idle` seconds (default idle_unlock; 0: every unpinned
-        entry) in batches; returns how many were unlocked."""
+        """Unlock the slabs not read for `idle` seconds (default idle_unlock; 0: every unpinned
+        one) now; returns how many entries they hold."""
         idle = self.idle_unlock if idle is None else idle
-        batch: list[tuple[CacheShard, Hashable, CacheEntry]] = []
-        for shard in self._shards:
-            shard.lock.acquire()
-        try:
-            for shard in self._shards:
-                for key, entry in shard.entries.items():
-                    if not entry.locked or entry.pins or entry.mem is None:
-                        continue
-                    if entry.used and idle > 0:
-                        entry.used = False  # second chance: unlocked next time if still idle
-                        continue
-                    batch.append((shard, key, entry))
-                shard.ops = 0
-            if batch:
-                if self.verify:
-                    for _, _, entry in batch:
-                        entry.checksum = mmh3.hash_bytes(entry.mem.read(0, entry.size))
-                # Unlocked in the entries first: from here on a hit takes the locked path.
-                for _, _, entry in batch:
-                    entry.locked = False
-                self.manager.unlock_many([entry.mem for _, _, entry in batch])
-            self._last_sweep = self.manager.clock()
-            return len(batch)
-        finally:
-            for shard in self._shards:
-                shard.lock.release()
+        if idle is None:
+            idle = 0.0
+        if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not (idle >= 0):
+            raise ValueError(f"idle must be a number of seconds >= 0, got {idle!r}")
+        with self.lock_:
+            return self._sweep(float(idle))[0]
 
-    def _maybe_sweep(self, shard: CacheShard) -> None:
-        if shard.ops < SWEEP_EVERY:
-            return
-        shard.ops = 0
-        if self.manager.clock() - self._last_sweep >= self.idle_unlock / 2:
-            self.sweep()
+    def _sweep(self, idle: float) -> tuple[int, bool]:
+        """Unlock idle slabs, close empty ones; (entries unlocked, whether locked slabs wait)."""
+        now = idle_clock()
+        batch: list[Slab] = []
+        waiting = False
+        for slab in list(self._locked_slabs):
+            if slab.pins:
+                continue
+            if slab.live == 0:
+                self._close_slab(slab)
+                continue
+            if slab.used:
+                slab.used = False
+                slab.last_used = now
+            if idle > 0 and now - slab.last_used < idle:
+                waiting = True
+                continue
+            batch.append(slab)
+        if not batch:
+            return 0, waiting
+        if self.verify:
+            for slab in batch:
+                for entry in slab.entries:
+                    if entry is not None:
+                        entry.checksum = mmh3.hash_bytes(self._read(entry))
+        for slab in batch:  # flagged first: from here on a hit takes the locked path
+            slab.locked = False
+            self._locked_slabs.discard(slab)
+        self.manager.unlock_many([slab.mem for slab in batch])
+        return sum(slab.live for slab in batch), waiting
 
-    def _relock(self, shard: CacheShard, entry: CacheEntry) -> bool:
-        """Lock an unlocked entry; on a purge drop it and return False (the caller reports it
-        once the shard's lock is released)."""
-        intact = entry.mem.lock()
-        if intact and self.verify and entry.checksum is not None:
-            intact = mmh3.hash_bytes(entry.mem.read(0, entry.size)) == entry.checksum
-        if intact:
-            entry.locked = True
-            entry.used = True
-            with self._size_lock:
-                self.relocks += 1
-            return True
-        with self._size_lock:
-            self.purged_bytes += entry.mem.npages * PAGE
-            self.purges_detected += 1
-        shard.remove(entry.key)
-        self._release(entry, weight=True)
-        shard.purged_keys[entry.key] = None
-        if len(shard.purged_keys) > PURGED_KEYS_KEPT:  # only to count regenerations: bounded
-            del shard.purged_keys[next(iter(shard.purged_keys))]
-        return False
-
-    def _release(self, entry: CacheEntry, weight: bool) -> None:
-        if entry.mem is not None:
-            entry.mem.close()
-        if weight:
-            with self._size_lock:
-                self._currsize -= entry.weight
-
-    def _evicted(self, key: Hashable, reason: str) -> None:
-        with self._size_lock:
-            self.evictions[reason] += 1
-        if self.on_evict is not None:
-            self.on_evict(key, reason)
-
-    def _evict_for_size(self, shard: CacheShard) -> None:
-        """Evict least recently used unpinned entries, this shard's first, until under maxsize."""
-        order = [shard] + [s for s in self._shards if s is not shard]
-        for victim_shard in order:
-            while self._currsize > self.maxsize:
-                with victim_shard.lock:
-                    entry = victim_shard.oldest_unpinned()
-                    if entry is None:
-                        break
-                    victim = entry.key
-                    victim_shard.remove(victim)
-                    self._release(entry, weight=True)
-                self._evicted(victim, "size")
-            if self._currsize <= self.maxsize:
+    def _idle_tick(self) -> None:
+        """The idle timer's call: unlock what has been idle long enough, then sleep again."""
+        with self.lock_:
+            while self._orphans:
+                self._settle(self._orphans.pop())
+            self._scheduled = False
+            if self.idle_unlock is None:
                 return
+            _, waiting = self._sweep(self.idle_unlock)
+            if waiting:
+                self._schedule()
 
-    def clear(self) -> None:
-        """Drop every entry but the pinned ones (reported as explicit evictions)."""
-        for key in list(self):
-            try:
-                del self[key]
-            except (KeyError, PinnedError):
-                pass
+    def _schedule(self) -> None:
+        """Make sure an idle tick is pending (the lock is held; a slab is locked)."""
+        if not self._scheduled and self.idle_unlock is not None:
+            self._scheduled = True
+            idle.TIMER.schedule(self, max(self.idle_unlock / IDLE_TICKS, MIN_TICK))
+
+    def on_memory_pressure(self, level: str) -> int:
+        """The manager's call under pressure: moderate unlocks the idle entries, critical every
+        unpinned one (the manager then purges); returns the entries unlocked."""
+        if level == "critical":
+            return self.sweep(0)
+        return self.sweep()
+
+    # ------------------------------------------------------------------ slabs
+
+    def _new_slab(self, size_class: int, size: int) -> Slab:
+        if size_class >= 0:
+            slot_size, pages, slots = SIZE_CLASSES[size_class]
+            if pages * PAGE > self.manager.limit:  # a tiny manager: one value a slab then
+                size_class = -1
+        if size_class < 0:
+            slot_size, pages, slots = -(-size // PAGE) * PAGE, -(-size // PAGE), 1
+        mem = self.manager.allocate(pages * PAGE)
+        slab = Slab(mem, size_class, slot_size, slots)
+        slab.last_used = idle_clock()
+        self._slabs.add(slab)
+        self._locked_slabs.add(slab)
+        self._schedule()
+        return slab
+
+    def _lock_slab(self, slab: Slab) -> bool:
+        """Lock an unlocked slab; on a purge drop its entries (reported later); True if intact."""
+        intact = slab.mem.lock()
+        slab.locked = True
+        self._locked_slabs.add(slab)
+        self._schedule()
+        lost = [] if intact else [e for e in slab.entries if e is not None]
+        if intact:
+            self.relocks += 1
+            if self.verify:
+                lost = [e for e in slab.entries if e is not None and e.checksum is not None
+                        and mmh3.hash_bytes(self._read(e)) != e.checksum]
+        if lost:
+            self.purges_detected += len(lost)
+            self.purged_bytes += slab.nbytes if not intact else sum(e.size for e in lost)
+            for entry in lost:
+                self._detach(entry)
+                self.events_.append((entry.key, "purged"))
+                self.purged_keys_[entry.key] = None
+            while len(self.purged_keys_) > PURGED_KEYS_KEPT:
+                self.purged_keys_.popitem(last=False)
+        return not lost
+
+    def _slab_emptied(self, slab: Slab) -> None:
+        """A slab's last entry left: a slab of its own, or an unlocked one, goes now; a locked
+        slab of a class stays for reuse until the next idle tick."""
+        if slab.pins:
+            return
+        if slab.size_class < 0 or not slab.locked or slab.doomed:
+            self._close_slab(slab)
+
+    def _close_slab(self, slab: Slab) -> None:
+        if slab.listed:
+            self.partial_[slab.size_class].remove(slab)
+            slab.listed = False
+        self._locked_slabs.discard(slab)
+        self._slabs.discard(slab)
+        slab.locked = False
+        slab.forget_memory()
+        slab.mem.close()
+
+    def _check_unlocked(self) -> None:
+        """Lock every unlocked slab holding entries, dropping the purged ones (lock held); they
+        unlock again at the next idle tick."""
+        for slab in [s for s in self._slabs if not s.locked and s.live]:
+            self._lock_slab(slab)
+            slab.used = False
+
+    def _ensure_locked(self, entry: CacheEntry) -> bool:
+        """Lock the entry's slab if needed; False if the entry turned out purged (dropped)."""
+        slab = entry.slab
+        if slab is None or slab.locked:
+            return True
+        self._lock_slab(slab)
+        return self.entries_.get(entry.key) is entry
+
+    def _get_locked(self, key: Hashable, touch: bool = True) -> Any:
+        """The bytes of key's entry, locking its slab if needed; MISSING if absent or purged."""
+        entry = self.entries_.get(key)
+        if entry is None or not self._ensure_locked(entry):
+            return MISSING
+        slab = entry.slab
+        if touch:
+            self._touch(entry)
+            if slab is not None:
+                slab.used = True
+        return self._read(entry)
+
+    def _get_slow(self, key: Hashable) -> Any:
+        """A read the compiled hit path leaves here: unlocked slabs, simulated memory, entries
+        being replaced."""
+        with self.lock_:
+            value = self._get_locked(key)
+            if value is MISSING:
+                self.misses_ += 1
+            else:
+                self.hits_ += 1
+        self._flush()
+        return value
+
+    # ------------------------------------------------------------------ evictions
+
+    def _report(self, keys: list, reason: str) -> None:
+        if not keys:
+            return
+        with self.lock_:
+            self._evictions[reason] += len(keys)
+        if self.on_evict_ is not None:
+            for key in keys:
+                self.on_evict_(key, reason)
+
+    def _flush(self) -> None:
+        """Report the purges found under the lock, now that it is released."""
+        if not self.events_:
+            return
+        with self.lock_:
+            events, self.events_ = self.events_, []
+        for key, reason in events:
+            self._report([key], reason)
+
+    # ------------------------------------------------------------------ the end
 
     def close(self) -> None:
-        """Free every entry's memory without reporting evictions."""
-        for shard in self._shards:
-            with shard.lock:
-                for key in list(shard.entries):
-                    self._release(shard.remove(key), weight=False)
-        self._currsize = 0
+        """Free every entry's memory without reporting evictions (an entry being viewed is
+        freed when its view ends); the cache stays usable, empty."""
+        with self.lock_:
+            for entry in self._lru():
+                self._forget(entry)
+                # pin() calls end with the cache's entries (no key can be unpinned any more);
+                # live views keep their slab until they end.
+                entry.change_pins(entry.views - entry.pins)
+            self.currsize_ = 0
+            for slab in list(self._slabs):
+                if slab.pins:
+                    slab.doomed = True
+                    if slab.listed:
+                        self.partial_[slab.size_class].remove(slab)
+                        slab.listed = False
+                    self._locked_slabs.discard(slab)
+                    self._slabs.discard(slab)
+                else:
+                    self._close_slab(slab)
+            self.events_.clear()
 
     def _force_reclaim(self) -> int:
         """Unlock every unpinned entry and make the kernel discard them now; pages discarded."""
-        self.sweep(idle=0)
-        gone = 0
-        for shard in self._shards:
-            with shard.lock:
-                for entry in shard.entries.values():
-                    if not entry.locked and entry.mem is not None:
-                        gone += entry.mem._force_reclaim()
-        return gone
+        from .memory import force_reclaim
+
+        with self.lock_:
+            self._sweep(0.0)
+            return sum(force_reclaim(slab.mem) for slab in list(self._slabs)
+                       if not slab.locked)
+
+    # ------------------------------------------------------------------ reporting
 
     def metrics_snapshot(self) -> dict[str, Any]:
-        """The numbers discache.metrics exports for this cache (its own entries only)."""
-        allocated = locked = 0
-        for shard in self._shards:
-            with shard.lock:
-                for e in shard.entries.values():
-                    if e.mem is not None:
-                        allocated += e.mem.npages * PAGE
-                        locked += e.mem.npages * PAGE if e.locked else 0
-        stats = self.stats()
-        return {
-            "allocated_bytes": allocated,
-            "locked_bytes": locked,
-            "unlocked_bytes": allocated - locked,
-            "purged_bytes": self.purged_bytes,
-            "locks": {"success": self.relocks, "purged": self.purges_detected, "failed": 0},
-            "evictions": dict(self.evictions),
-            "hits": stats["hits"],
-            "misses": stats["misses"],
-            "regenerations": self.regenerations,
-        }
+        """The numbers discache.metrics exports for this cache (its own slabs only)."""
+        with self.lock_:
+            allocated = sum(slab.nbytes for slab in self._slabs)
+            locked = sum(slab.nbytes for slab in self._locked_slabs)
+            return {
+                "allocated_bytes": allocated,
+                "locked_bytes": locked,
+                "unlocked_bytes": allocated - locked,
+                "purged_bytes": self.purged_bytes,
+                "locks": {"success": self.relocks, "purged": self.purges_detected, "failed": 0},
+                "evictions": dict(self.evictions),
+                "hits": self.hits_,
+                "misses": self.misses_,
+                "regenerations": self.regenerations,
+            }
 
     def stats(self) -> dict[str, int]:
-        """Hits, misses, purges, regenerations, evictions by reason, sizes and locked entries."""
-        entries = locked = pinned = 0
-        for shard in self._shards:
-            with shard.lock:
-                entries += len(shard.entries)
-                locked += sum(e.locked for e in shard.entries.values())
-                pinned += sum(bool(e.pins) for e in shard.entries.values())
-        return {
-            "hits": sum(s.hits for s in self._shards),
-            "misses": sum(s.misses for s in self._shards),
-            "purges_detected": self.purges_detected,
-            "regenerations": self.regenerations,
-            **{f"evictions_{reason}": n for reason, n in self.evictions.items()},
-            "currsize": self._currsize,
-            "maxsize": self.maxsize,
-            "entries": entries,
-            "locked_entries": locked,
-            "pinned_entries": pinned,
-        }
+        """Hits, misses, purges, regenerations, evictions by reason, sizes, slabs and bytes."""
+        with self.lock_:
+            entries = list(self.entries_.values())
+            return {
+                "hits": self.hits_,
+                "misses": self.misses_,
+                "purges_detected": self.purges_detected,
+                "regenerations": self.regenerations,
+                **{f"evictions_{reason}": n for reason, n in self.evictions.items()},
+                "too_large": self.too_large,
+                "currsize": self.currsize_,
+                "maxsize": self.maxsize_,
+                "entries": len(entries),
+                "locked_entries": sum(e.slab is None or e.slab.locked for e in entries),
+                "pinned_entries": sum(bool(e.pins) for e in entries),
+                "slabs": len(self._slabs),
+                "allocated_bytes": sum(slab.nbytes for slab in self._slabs),
+                "locked_bytes": sum(slab.nbytes for slab in self._locked_slabs),
+            }
 
 
-_MISSING: Any = object()
+idle_clock = idle.clock
 
 
-def cached(cache: DiscardableCache, key: Callable[..., Hashable] = None):  # type: ignore[assignment]
-    """Memoize a function returning a bytes-like value in `cache`; adds cache_info()/cache_clear()."""
-    make_key = key or (lambda *args, **kwargs: (args, tuple(sorted(kwargs.items()))))
+def _close_slabs(slabs: set) -> None:
+    """The finalizer of a cache dropped without close(): free its slabs' memory."""
+    for slab in list(slabs):
+        slab.forget_memory()
+        try:
+            slab.mem.close()
+        except (BufferError, ValueError):
+            pass  # a view of it outlives the cache: freed with that view's memory object
+    slabs.clear()
 
-    def decorator(function: Callable[..., Any]) -> Callable[..., bytes]:
-        counts = {"hits": 0, "misses": 0}
-        lock = threading.Lock()
 
-        @functools.wraps(function)
-        def wrapper(*args: Any, **kwargs: Any) -> bytes:
-            k = make_key(*args, **kwargs)
-            value = cache.get(k, _MISSING)
-            with lock:
-                counts["hits" if value is not _MISSING else "misses"] += 1
-            if value is not _MISSING:
+def _default_manager_if_any() -> Optional[DiscardableMemoryManager]:
+    from . import manager as manager_module
+
+    return manager_module._default
+
+
+def _unpickle(cls: type, settings: dict, where: Optional[tuple]) -> DiscardableCache:
+    manager = None if where is None else DiscardableMemoryManager(where[0], where[1])
+    cache = cls.__new__(cls)
+    DiscardableCache.__init__(cache, manager=manager, **settings)
+    return cache
+
+
+# ---------------------------------------------------------------------- fork
+
+_CACHES: "weakref.WeakValueDictionary[int, DiscardableCache]" = weakref.WeakValueDictionary()
+_FORK_HELD: list = []
+
+
+def _before_fork() -> None:
+    # Every cache's lock, so that no thread is half-way through changing one in the child.
+    for cache in list(_CACHES.values()):
+        cache.lock_.acquire()
+        _FORK_HELD.append(cache)
+
+
+def _after_fork() -> None:
+    while _FORK_HELD:
+        _FORK_HELD.pop().lock_.release()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork,
+                        after_in_child=_after_fork)
+
+
+# ---------------------------------------------------------------------- cached
+
+
+class _KeywordsMark:
+    """Separates positional from keyword arguments in a key (unique, and kept by pickle)."""
+
+
+_KWARGS_MARK = (_KeywordsMark,)
+
+
+def hashkey(*args: Any, **kwargs: Any) -> tuple:
+    """The key of a call: its arguments, then its keyword arguments sorted (a plain tuple, as
+    cachetools' hashkey)."""
+    if kwargs:
+        return args + _KWARGS_MARK + tuple(sorted(kwargs.items()))
+    return args
+
+
+def cached(cache: DiscardableCache, key: Callable[..., Hashable] = hashkey,
+           lock: Any = None, condition: Any = None, info: bool = False) -> Callable:
+    """Memoize a function returning bytes-like values in cache (cachetools.cached's signature).
+
+    A value too large for the cache is returned without being stored; with a lock, the cache is
+    read and written under it, never the function; with a condition (a threading.Condition,
+    used as the lock), concurrent calls of the same key wait for the first instead of computing
+    it again."""
+    if cache is None:
+        raise TypeError("cache must not be None (as in cachetools 8): call the function itself")
+    if condition is not None and lock is None:
+        lock = condition
+
+    def decorator(function: Callable[..., Any]) -> Callable[..., Any]:
+        hits = misses = 0
+        pending: set = set()
+        get = cache.get
+
+        def store(k: Hashable, value: Any) -> None:
+            try:
+                cache[k] = value  # type: ignore[index]
+            except ValueError:  # too large: returned uncached, as cachetools does
+                cache.too_large += 1  # type: ignore[union-attr]
+
+        if lock is None:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                nonlocal hits, misses
+                k = key(*args, **kwargs)
+                value = get(k, MISSING)  # type: ignore[misc]
+                if value is not MISSING:
+                    hits += 1
+                    return value
+                misses += 1
+                value = function(*args, **kwargs)
+                store(k, value)
                 return value
-            return cache.get_or_create(k, lambda: function(*args, **kwargs))
+        else:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                nonlocal hits, misses
+                k = key(*args, **kwargs)
+                with lock:
+                    if condition is not None:
+                        condition.wait_for(lambda: k not in pending)
+                    value = get(k, MISSING)  # type: ignore[misc]
+                    if value is not MISSING:
+                        hits += 1
+                        return value
+                    misses += 1
+                    if condition is not None:
+                        pending.add(k)
+                try:
+                    value = function(*args, **kwargs)
+                    with lock:
+                        store(k, value)
+                finally:
+                    if condition is not None:
+                        with lock:
+                            pending.discard(k)
+                            condition.notify_all()
+                return value
 
         def cache_info() -> CacheInfo:
-            return CacheInfo(counts["hits"], counts["misses"], cache.maxsize, cache.currsize)
+            if lock is None:
+                return CacheInfo(hits, misses, cache.maxsize, cache.currsize)
+            with lock:
+                return CacheInfo(hits, misses, cache.maxsize, cache.currsize)
 
         def cache_clear() -> None:
-            cache.clear()
-            counts["hits"] = counts["misses"] = 0
+            nonlocal hits, misses
+            if lock is None:
+                cache.clear()
+                hits = misses = 0
+            else:
+                with lock:
+                    cache.clear()
+                    hits = misses = 0
 
-        wrapper.cache_info = cache_info  # type: ignore[attr-defined]
-        wrapper.cache_clear = cache_clear  # type: ignore[attr-defined]
+        wrapper = functools.update_wrapper(wrapper, function)
         wrapper.cache = cache  # type: ignore[attr-defined]
+        wrapper.cache_key = key  # type: ignore[attr-defined]
+        wrapper.cache_lock = lock  # type: ignore[attr-defined]
+        wrapper.cache_condition = condition  # type: ignore[attr-defined]
+        wrapper.cache_clear = cache_clear  # type: ignore[attr-defined]
+        if info:  # as cachetools: cache_info() only when asked for
+            wrapper.cache_info = cache_info  # type: ignore[attr-defined]
         return wrapper
 
     return decorator

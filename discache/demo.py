@@ -19,7 +19,7 @@ from .manager import (MAX_RAM_FRACTION, PAGE, DiscardableMemoryManager, default_
                       physical_ram)
 
 MODES = ("RGB", "RGBA", "L", "P")
-IDLE_UNLOCK = 0.05  # seconds an image must go unused before a sweep unlocks it
+IDLE_UNLOCK = 0.05  # seconds an image must go unused before the idle timer unlocks it
 
 
 def _fraction(text: str) -> float:
@@ -258,6 +258,16 @@ def run_demo(images: int, size: int, backend: str = "auto", reclaim: float = 1 /
     return result
 
 
+def _wait_until_idle(cache: Any, timeout: float = 100 * IDLE_UNLOCK) -> int:
+    """Do nothing until the cache's idle timer has unlocked every bitmap; how many it unlocked."""
+    deadline = time.monotonic() + timeout
+    while cache.manager.stats()["locked_bytes"] and time.monotonic() < deadline:
+        time.sleep(IDLE_UNLOCK / 10)
+    if cache.manager.stats()["locked_bytes"]:
+        raise RuntimeError(f"the idle timer left bitmaps locked after {timeout:.1f} s")
+    return len(cache)
+
+
 def _run_phases(result: DemoResult, cache: Any, size: int, reclaim: float, seed: int,
                 progress: Callable[[str, int], Progress]) -> None:
     from PIL import Image
@@ -290,12 +300,9 @@ def _run_phases(result: DemoResult, cache: Any, size: int, reclaim: float, seed:
         step.note = f"{len(cache)} bitmaps, {_mib(result.bitmap_bytes)} in discardable memory"
 
         step = result.phase("go idle")
-        # Second chance: a first sweep marks the bitmaps unused, the next unlocks them.
-        for _ in range(2):
-            time.sleep(IDLE_UNLOCK)
-            result.unlocked += cache.sweep()
+        result.unlocked = _wait_until_idle(cache)
         step.stop()
-        step.note = (f"{result.unlocked} bitmaps unlocked by idle sweeps "
+        step.note = (f"{result.unlocked} bitmaps unlocked by the idle timer, nothing called "
                      f"({'MADV_FREE' if backend == 'madvfree' else backend})")
 
         step = result.phase("kernel reclaim")

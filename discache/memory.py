@@ -19,6 +19,14 @@ class Reclaimable(Protocol):
         """Make the kernel reclaim the unlocked pages now; returns how many are gone."""
 
 
+def force_reclaim(mem: Any) -> int:
+    """Make the kernel reclaim mem's unlocked pages now; returns how many pages are gone."""
+    if not isinstance(mem, Reclaimable):
+        raise TypeError(f"cannot reclaim a {type(mem).__name__}")
+    return mem._force_reclaim()
+
+
+
 class DiscardableMemory(abc.ABC):
     """Memory the system may discard while unlocked; lock() reports whether it did."""
 

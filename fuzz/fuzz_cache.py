@@ -16,8 +16,8 @@ def test_one_input(data: bytes) -> None:
     backend = fdp.PickValueInList(BACKENDS)
     manager = DiscardableMemoryManager(1 << 20, backend)
     evicted: list = []
-    cache = DiscardableCache(fdp.ConsumeIntInRange(1, 40000), backend, manager=manager,
-                             shards=fdp.PickValueInList([1, 2, 16]), idle_unlock=0,
+    cache = DiscardableCache(fdp.ConsumeIntInRange(0, 40000), backend, manager=manager,
+                             idle_unlock=fdp.PickValueInList([None, 0, 0.001]),
                              on_evict=lambda key, reason: evicted.append((key, reason)))
     model: dict = {}  # key -> bytes the cache may hold
     pins: dict = {}

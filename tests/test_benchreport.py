@@ -206,6 +206,43 @@ def test_keep_rounds_run_of_the_cache_benchmarks(tmp_path, capsys):
     assert "No unmark benchmarks in this run (not run)" in md
 
 
+def test_named_baselines_ops_and_targets():
+    """bench_cache.py's pairs: a baseline named in extra_info, batches of ops, target ratios."""
+    benches = [
+        entry("ct-set", 300e-9, op="cache-set", impl="cachetools.LRUCache", nbytes=4096),
+        entry("dc-set", 600e-9, op="cache-set", impl="DiscardableCache[madvfree]", nbytes=4096,
+              baseline="cachetools.LRUCache", target=3.0),
+        entry("ct-cached", 800e-9, op="cache-cached-hit", impl="cachetools.cached(LRUCache)",
+              nbytes=4096),
+        entry("dc-cached", 2e-6, op="cache-cached-hit", impl="discache.cached[madvfree]",
+              nbytes=4096, baseline="cachetools.cached(LRUCache)", target=1.5),
+        # a batch of 1000 gets per call: the report shows the cost of one
+        entry("small", 100e-6, op="cache-hit-scale", impl="1k", nbytes=100, ops=1000,
+              baseline="nowhere"),
+        entry("large", 120e-6, op="cache-hit-scale", impl="1M", nbytes=100, ops=1000,
+              baseline="1k", target=1.5),
+        entry("relock", 3e-6, op="cache-relock", impl="DiscardableCache[madvfree]",
+              nbytes=4096, baseline="cachetools.LRUCache", baseline_op="cache-set"),
+    ]
+    md = benchreport.render({"benchmarks": benches})
+    assert rows_of(md, "cache-set") == [
+        ["cache-set", "DiscardableCache[madvfree]", "600 ns (2.00x)"],
+        ["cache-set", "cachetools.LRUCache", "300 ns"],
+        ["cache-set", "DiscardableCache[madvfree]", "cachetools.LRUCache", "1 page", "2.00x",
+         "<= 3.00x", "yes"]]
+    assert rows_of(md, "cache-cached-hit") == [
+        ["cache-cached-hit", "cachetools.cached(LRUCache)", "800 ns"],  # a baseline: no ratio
+        ["cache-cached-hit", "discache.cached[madvfree]", "2.00 us (2.50x)"],
+        ["cache-cached-hit", "discache.cached[madvfree]", "cachetools.cached(LRUCache)",
+         "1 page", "2.50x", "<= 1.50x", "no"]]
+    assert rows_of(md, "cache-hit-scale") == [
+        ["cache-hit-scale", "1M", "120 ns (1.20x)"],
+        ["cache-hit-scale", "1k", "100 ns"],  # its named baseline was not measured
+        ["cache-hit-scale", "1M", "1k", "1 page", "1.20x", "<= 1.50x", "yes"]]
+    assert rows_of(md, "cache-relock") == [["cache-relock", "DiscardableCache[madvfree]",
+                                            "3.00 us (10.0x)"]]
+
+
 FAILING_BENCH = '''
 def bench_fine(benchmark):
     benchmark.extra_info.update(op="cache hit", cache="dict", pages=1)

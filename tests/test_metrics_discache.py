@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import socket
+import time
 import urllib.request
 
 import pytest
@@ -15,18 +16,22 @@ from discache.demo import run_demo
 from discache.metrics import DiscacheCollector, Exporter
 
 
+TILE_PAGES = 10  # 40,000 B: above the cache's largest size class, each tile has a slab of its own
+TILE = 40_000
+
+
 def busy_cache() -> DiscardableCache:
     """8 entries; a hit, a miss; all unlocked; critical pressure; a purged get; a regeneration."""
     manager = DiscardableMemoryManager(limit=1 << 20, backend="memfd")
     cache = DiscardableCache(1 << 20, manager=manager, idle_unlock=0)
     for i in range(8):
-        cache[f"tile/{i}"] = bytes([i]) * PAGE
-    assert cache.get("tile/1") == bytes([1]) * PAGE
+        cache[f"tile/{i}"] = bytes([i]) * TILE
+    assert cache.get("tile/1") == bytes([1]) * TILE
     assert cache.get("tile/missing") is None
-    assert cache.sweep(idle=0) == 8
-    assert manager.on_memory_pressure("critical") == 8 * PAGE
+    cache.sweep(idle=0)
+    assert manager.on_memory_pressure("critical") == 8 * TILE_PAGES * PAGE
     assert cache.get("tile/2") is None  # purged by the manager: reported, dropped
-    assert cache.get_or_create("tile/3", lambda: b"x" * PAGE) == b"x" * PAGE
+    assert cache.get_or_create("tile/3", lambda: b"x" * TILE) == b"x" * TILE
     return cache
 
 
@@ -55,12 +60,13 @@ def test_a_real_prometheus_sees_what_the_cache_and_manager_report(prometheus, me
                         ("discache_unlocked_bytes", "unlocked_bytes"),
                         ("discache_purged_bytes_total", "purged_bytes")):
         assert scraped(series) == snap[key], series
-    assert snap["allocated_bytes"] == 7 * PAGE and snap["purged_bytes"] == 2 * PAGE
+    assert snap["allocated_bytes"] == 7 * TILE_PAGES * PAGE
+    assert snap["purged_bytes"] == 2 * TILE_PAGES * PAGE
     assert scraped("discache_locks_total", result="purged") == stats["purges_detected"] == 2
 
     manager = cache.manager.stats()
     assert scraped("discache_allocated_bytes", "tiles-manager") == manager["allocated_bytes"]
-    assert scraped("discache_purged_bytes_total", "tiles-manager") == 8 * PAGE
+    assert scraped("discache_purged_bytes_total", "tiles-manager") == 8 * TILE_PAGES * PAGE
     assert scraped("discache_locks_total", "tiles-manager", result="purged") == \
         manager["locks_purged"] == 2
     assert scraped("discache_memory_pressure_events_total", "tiles-manager",
@@ -69,7 +75,7 @@ def test_a_real_prometheus_sees_what_the_cache_and_manager_report(prometheus, me
                    level="moderate") == 0
 
     # the next scrape follows the cache
-    assert cache.get("tile/3") == b"x" * PAGE
+    assert cache.get("tile/3") == b"x" * TILE
     assert server.wait_for_value('discache_cache_hits_total{name="tiles"}', expect=2.0) == 2
 
 
@@ -110,7 +116,12 @@ def test_a_real_prometheus_scrapes_the_demo_while_it_runs(prometheus):
                 exporter.watch(cache.manager, "demo-manager")
             if name not in ("go idle", "verify"):
                 return
-            # the demo pauses here: what Prometheus scrapes must be the cache's numbers now
+            # the demo pauses here: what Prometheus scrapes must be the cache's numbers now;
+            # the idle timer unlocks the bitmaps by itself within 2 x idle_unlock: wait for it,
+            # so that the locked bytes stay what the snapshot says while Prometheus scrapes
+            deadline = time.monotonic() + 10
+            while cache.manager.stats()["locked_bytes"] and time.monotonic() < deadline:
+                time.sleep(0.01)
             snap, manager = cache.metrics_snapshot(), cache.manager.metrics_snapshot()
             for series, key in (("discache_allocated_bytes", "allocated_bytes"),
                                 ("discache_cache_hits_total", "hits"),
@@ -124,7 +135,7 @@ def test_a_real_prometheus_scrapes_the_demo_while_it_runs(prometheus):
                 expect=float(manager["locked_bytes"])) == manager["locked_bytes"]
             checked.append((name, snap["misses"], snap["regenerations"]))
 
-        result = run_demo(12, 32, "madvfree", reclaim=0.5, seed=3, on_phase=on_phase)
+        result = run_demo(12, 192, "madvfree", reclaim=0.5, seed=3, on_phase=on_phase)
     assert result.consistent and result.corrupt == 0
     assert [c[0] for c in checked] == ["go idle", "verify"]
     (_, misses_idle, regen_idle), (_, misses_end, regen_end) = checked

@@ -267,9 +267,8 @@ def test_exhausted_manager_limit_never_purges_locked_memory():
 
 
 def test_exhausted_cache_size():
-    # one shard: eviction is LRU over the whole cache (with shards it starts in the new
-    # entry's shard, which may evict the entry just stored)
-    cache = DiscardableCache(100, "madvfree", shards=1,
+    # eviction is LRU over the whole cache and never takes the entry just stored
+    cache = DiscardableCache(100, "madvfree",
                              manager=DiscardableMemoryManager(1 << 20, "madvfree"))
     with pytest.raises(ValueError, match="too large"):
         cache["big"] = b"x" * 101
@@ -290,9 +289,9 @@ def test_bad_limits_and_settings():
     with pytest.raises(ValueError):
         DiscardableMemoryManager(1 << 20, "madvfree", segment_bytes=1)
     with pytest.raises(ValueError):
-        DiscardableCache(0, "madvfree")
-    with pytest.raises(ValueError):
-        DiscardableCache(100, "madvfree", shards=3)
+        DiscardableCache(-1, "madvfree")
+    with pytest.raises(TypeError):
+        DiscardableCache(100, "madvfree", shards=3)  # gone: the cache is one LRU
     with pytest.raises(ValueError):
         PageTable(0)
     with pytest.raises(ValueError):

@@ -1,6 +1,7 @@
 """Reclaim storm on the real kernel: threads use discardable memory while another forces reclaim."""
 from __future__ import annotations
 
+import ctypes
 import random
 import struct
 import sys
@@ -195,6 +196,17 @@ def test_madvfree_memory_under_a_reclaim_storm(kind):
             **dict(sorted(counts.items()))})
 
 
+def mincore_resident(address: int, npages: int) -> int:
+    """Pages of [address, address + npages pages) that mincore() says are resident."""
+    vec = (ctypes.c_ubyte * npages)()
+    if LIBC.mincore(ctypes.c_void_p(address), ctypes.c_size_t(npages * PAGE), vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore")
+    return sum(v & 1 for v in vec)
+
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
 @needs("madvfree")
 def test_cache_entries_under_a_reclaim_storm():
     storm = Storm(CACHE_S)
@@ -205,19 +217,19 @@ def test_cache_entries_under_a_reclaim_storm():
         on_evict=lambda key, reason: evicted.update([(key, reason)]))
 
     def missing(key) -> int:
-        """Pages of the key's entry that mincore says are gone, while it is unlocked."""
-        shard = cache._shard(key)
-        with shard.lock:
-            entry = shard.entries.get(key)
-            if entry is None or entry.locked or entry.mem is None:
+        """Pages of the key's slab that mincore says are gone, while it is unlocked (a slab
+        locks as one: a page gone anywhere in it loses every entry on it)."""
+        with cache.lock_:
+            entry = cache.entries_.get(key)
+            if entry is None or entry.slab is None or entry.slab.locked:
                 return 0
-            mem = entry.mem
-            return mem.npages - mem.segment.resident_pages(mem.first, mem.npages)
+            mem = entry.slab.mem
+            return mem.npages - mincore_resident(mem.address, mem.npages)
 
     def work(owner: int) -> None:
         chance = random.Random(owner)
         stored: dict[tuple, bytes] = {}
-        misses = Counter()
+        misses, sets = Counter(), Counter()
         while storm.running():
             key = (owner, chance.randrange(keys_per_worker))
             if key not in stored or chance.random() < 0.1:
@@ -225,6 +237,7 @@ def test_cache_entries_under_a_reclaim_storm():
                 value = pattern(owner, npages, chance.randrange(1 << 20))[:npages * PAGE - 7]
                 cache[key] = value
                 stored[key] = value
+                sets[key] += 1
                 storm.count(sets=1)
                 continue
             gone = missing(key)
@@ -237,8 +250,12 @@ def test_cache_entries_under_a_reclaim_storm():
             else:
                 assert value == stored[key], f"{key}: the cache returned other bytes"
                 assert not gone, f"{key}: mincore saw {gone} pages gone, the cache returned it"
-        for key, lost in misses.items():  # every loss was reported, once, as "purged"
-            assert evicted[(key, "purged")] == lost, (key, lost, evicted[(key, "purged")])
+        # Every loss this worker saw was reported as "purged", and no stored value was reported
+        # lost twice (a loss may also be found by another worker locking a shared slab: the
+        # worker then may store the key again before it reads it).
+        for key in set(misses) | set(sets):
+            reported = evicted[(key, "purged")]
+            assert misses[key] <= reported <= sets[key], (key, misses[key], reported, sets[key])
 
     def reclaim_cache() -> None:
         while storm.running():
@@ -252,7 +269,8 @@ def test_cache_entries_under_a_reclaim_storm():
         cache.close()
         manager.stop()
     counts = storm.counts
-    assert stats["evictions_size"] == 0 and stats["purges_detected"] == counts["entries_lost"]
+    assert stats["evictions_size"] == 0 and stats["purges_detected"] >= counts["entries_lost"]
+    assert stats["purges_detected"] == sum(n for (_, why), n in evicted.items() if why == "purged")
     assert counts["entries_lost"] > 0 and counts["gets"] > 1000, counts
     report("reclaim-cache", {"threads": WORKERS + 1, "seconds": CACHE_S,
                              "hits": stats["hits"], **dict(sorted(counts.items()))})

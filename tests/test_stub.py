@@ -1,5 +1,5 @@
-"""Each compiled module's .pyi (discache/_core.pyi, discache/sim/_sim.pyi) describes every
-compiled class exactly."""
+"""Each compiled module's .pyi (discache/_core.pyi, discache/_cache.pyi, discache/sim/_sim.pyi)
+describes every compiled class exactly."""
 from __future__ import annotations
 
 import ast
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from discache import _core
+from discache import _cache, _core
 from discache.sim import _sim
 
-MODULES = {"discache._core": _core, "discache.sim._sim": _sim}
+MODULES = {"discache._core": _core, "discache._cache": _cache, "discache.sim._sim": _sim}
 
 
 def stub_path(module):
@@ -19,7 +19,7 @@ def stub_path(module):
 
 
 def stub_members(module, name):
-    """Public names a class of the stub declares, its stub base classes' included."""
+    """Public names a class of the module's stub declares, its stub base classes' included."""
     tree = ast.parse(stub_path(module).read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
     names = set()
@@ -42,7 +42,7 @@ COMPILED_CLASSES = sorted(
 )
 
 
-def test_both_modules_have_classes():
+def test_every_module_has_classes():
     assert {module for module, _ in COMPILED_CLASSES} == set(MODULES)
 
 
@@ -63,3 +63,4 @@ def test_stub_names_module_constants():
 def test_the_compiled_modules_are_split_by_subsystem():
     assert not hasattr(_core, "PageTable") and not hasattr(_core, "SimCore")
     assert not hasattr(_sim, "Segment") and not hasattr(_sim, "MadvFreeMemory")
+    assert not hasattr(_core, "CacheCore") and not hasattr(_core, "CacheEntry")

@@ -37,17 +37,16 @@ class ImageCache:
         verify: bool = False,
         *,
         idle_unlock: float = 1.0,
-        shards: int = 16,
     ) -> None:
         self._lock = threading.Lock()
         # Keys whose bitmap was lost, until stored again (oldest first; only to count
         # regenerations, so bounded like the cache's own record).
         self._purged: dict[Hashable, None] = {}
-        self._purged_kept = PURGED_KEYS_KEPT * shards
+        self._purged_kept = PURGED_KEYS_KEPT
         self._counts: Counter = Counter()
         self._stripes = [threading.Lock() for _ in range(STRIPES)]
         self.cache = DiscardableCache(maxsize, backend, verify=verify, on_evict=self._on_evict,
-                                      manager=manager, shards=shards, idle_unlock=idle_unlock)
+                                      manager=manager, idle_unlock=idle_unlock)
 
     # ------------------------------------------------------------------ sizes
 
