@@ -36,7 +36,7 @@ class _Allocation:
     (see _drain_dropped)."""
 
     __slots__ = ("span", "segment", "locked", "purged", "closed", "last_unlocked", "buffer",
-                 "handle", "__weakref__")
+                 "memory", "__weakref__")
 
     def __init__(self, span: Span, segment: Any) -> None:
         self.span = span
@@ -46,7 +46,7 @@ class _Allocation:
         self.closed = False
         self.last_unlocked = 0.0
         self.buffer: Any = None  # the span's buffer handed out: counts live views
-        self.handle: Any = None  # weakref to the SpanMemory, whose callback frees the span
+        self.memory: Any = None  # weakref to the SpanMemory, whose callback releases the span
 
 
 ManagedMemory = SpanMemory  # what the manager hands out (the name discache.cache imports)
@@ -70,13 +70,14 @@ def _managers_after_fork_in_child() -> None:
 forking.hold_across_fork(forking.MANAGERS, _manager_locks, _managers_after_fork_in_child)
 
 
-def _handle_dropped(manager_ref: "weakref.ref[DiscardableMemoryManager]",
-                    record: _Allocation) -> Callable[[Any], None]:
+def _on_collected(manager_ref: "weakref.ref[DiscardableMemoryManager]",
+                  record: _Allocation) -> Callable[[Any], None]:
+    """The callback of record's memory weakref: queue the span for release."""
     def dropped(_: Any) -> None:
         manager = manager_ref()
         if manager is not None:
             # A garbage collection may run in the middle of a manager operation of this very
-            # thread: queue the span (list.append is atomic), free it at the next operation.
+            # thread: queue the span (list.append is atomic), release it at the next operation.
             manager._dropped.append(record)
 
     return dropped
@@ -113,7 +114,7 @@ class DiscardableMemoryManager:
         self._next_segment = 0
         self._unlocked: OrderedDict[_Allocation, None] = OrderedDict()  # by unlock time
         self._live: set[_Allocation] = set()
-        self._dropped: list[_Allocation] = []  # handles collected without close()
+        self._dropped: list[_Allocation] = []  # memory collected without close()
         self._self_ref = weakref.ref(self)
         self.bytes_allocated = 0  # live allocations, page-rounded
         self.bytes_locked = 0
@@ -172,7 +173,7 @@ class DiscardableMemoryManager:
                 raise
             record = _Allocation(span, segment)
             mem = SpanMemory(self, segment, span.first, span.npages, nbytes, record)
-            record.handle = weakref.ref(mem, _handle_dropped(self._self_ref, record))
+            record.memory = weakref.ref(mem, _on_collected(self._self_ref, record))
             self._live.add(record)
             self.bytes_allocated += npages * PAGE
             self.bytes_locked += npages * PAGE
@@ -306,18 +307,20 @@ class DiscardableMemoryManager:
             return record.buffer
 
     def _drain_dropped(self) -> None:
-        """Free the spans of handles collected without close() (under the manager's lock)."""
+        """Release the spans of memory collected without close() (under the manager's lock)."""
         if not self._dropped:
             return
-        pending, self._dropped[:] = list(self._dropped), []
-        for record in pending:
+        waiting = []
+        while self._dropped:  # pop(): a collection in another thread may append meanwhile
+            record = self._dropped.pop()
             if record.closed:
                 continue
             if record.buffer is not None and record.buffer.exports:
-                # A view of the span outlives its handle: the span is not free until it goes.
-                self._dropped.append(record)
+                # A view of the span outlives its memory: the span is not free until it goes.
+                waiting.append(record)
                 continue
             self._free(record)
+        self._dropped.extend(waiting)
 
     def _free(self, record: _Allocation) -> None:
         span = record.span
