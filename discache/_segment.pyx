@@ -1,5 +1,6 @@
 # A mapping carved into page spans that lock, unlock and are discarded independently: the unit
-# DiscardableMemoryManager packs small allocations into.  Included by _core.pyx.
+# DiscardableMemoryManager packs small allocations into, and (one span) what discache.allocate
+# gives on "memfd".  The segment protocol is in docs/glossary.md.  Included by _core.pyx.
 #
 # "madvfree": unlocking a span saves each page's first word, stores the cookie there and
 # MADV_FREEs the span; locking swaps the cookie back by compare-and-swap, so a page the kernel

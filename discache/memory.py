@@ -191,7 +191,7 @@ class SpanMemory(DiscardableMemory):
         """The segment holding the span (None once closed)."""
         return None if self._closed else self.segment_
 
-    _segment = segment  # read by discache.cache until it binds through .address
+    _segment = segment  # the name ManagedMemory had (tests/test_imagecache.py reads it)
 
     @property
     def offset(self) -> int:
