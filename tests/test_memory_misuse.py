@@ -293,6 +293,8 @@ def test_an_allocation_over_the_limit_purges_nothing(manager):
 def test_sizes_are_validated_alike_by_every_backend(backend):
     mem = discache.allocate(numpy.int64(PAGE), backend)
     assert mem.nbytes == PAGE
+    assert mem.write(b"abc", numpy.int64(5)) == 3
+    assert mem.read(numpy.int64(5), numpy.int32(3)) == b"abc"
     mem.close()
     for bad, error in ((True, TypeError), (1.0, TypeError), ("4096", TypeError), (None, TypeError),
                        (0, ValueError), (-1, ValueError), (numpy.int64(0), ValueError)):
