@@ -18,6 +18,7 @@ cdef class Segment:
     cdef int _check_open(self) except -1
     cdef int _unlock(self, Py_ssize_t first, Py_ssize_t count) except -1
     cdef int _drop(self, Py_ssize_t first, Py_ssize_t count, uint8_t lost) except -1
+    cdef bint _copy_data_into(self, int fd) noexcept
     cdef void _own_pages_after_fork(self) noexcept
 
 

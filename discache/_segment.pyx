@@ -22,6 +22,12 @@ cdef extern from "<sys/mman.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     ssize_t pwrite(int fd, const void *buf, size_t count, long offset)
+    long lseek(int fd, long offset, int whence)
+    int SEEK_DATA
+    int SEEK_HOLE
+
+cdef extern from "<errno.h>" nogil:
+    int ENXIO
 
 # memfd segments of this process: a forked child gives each a memfd of its own (see
 # _own_pages_after_fork), or parent and child would share every span.
@@ -75,22 +81,35 @@ cdef class Segment:
         if self.fd >= 0:
             _SHARED_SEGMENTS.add(self)
 
+    cdef bint _copy_data_into(self, int fd) noexcept:
+        """Write the segment's data extents (holes skipped: they stay holes) into fd."""
+        cdef long start = 0, end, n
+        while start < self.nbytes:
+            start = lseek(self.fd, start, SEEK_DATA)
+            if start < 0:
+                return errno == ENXIO  # no data past start: the rest is a hole
+            end = lseek(self.fd, start, SEEK_HOLE)
+            if end < 0 or end > self.nbytes:
+                end = self.nbytes
+            while start < end:
+                n = pwrite(fd, self.base + start, end - start, start)
+                if n <= 0:
+                    return False
+                start += n
+        return True
+
     cdef void _own_pages_after_fork(self) noexcept:
         """In a forked child: copy the pages into a new memfd mapped at the same address, so
         that what the child writes, locks or discards is its own (as with private memory)."""
         cdef int fd
-        cdef Py_ssize_t done = 0, n
+        cdef bint copied = False
         cdef void *mapping
         if self.base == NULL or self.fd < 0:
             return
         fd = memfd_create(b"discache-segment", MFD_CLOEXEC)
         if fd >= 0 and ftruncate(fd, self.nbytes) == 0:
-            while done < self.nbytes:
-                n = pwrite(fd, self.base + done, self.nbytes - done, done)
-                if n <= 0:
-                    break
-                done += n
-        if fd >= 0 and done == self.nbytes:
+            copied = self._copy_data_into(fd)
+        if copied:
             mapping = mmap(self.base, self.nbytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
                            fd, 0)
             if mapping != MAP_FAILED:

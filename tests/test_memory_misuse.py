@@ -171,6 +171,26 @@ def test_a_forked_child_never_shares_a_span_with_its_parent(manager):
     assert manager.stats()["locked_bytes"] == 2 * PAGE
 
 
+def test_a_forked_child_copies_only_the_written_pages_of_a_memfd_segment():
+    if "memfd" not in AVAILABLE:
+        pytest.skip("no memfd here")
+    m = DiscardableMemoryManager(1 << 24, "memfd", segment_bytes=256 * PAGE)
+    mem = filled(m, 0x33)
+    later = m.allocate(PAGE)  # claimed, never written: a hole
+    pid = os.fork()
+    if pid == 0:
+        ok = False
+        try:
+            segment = mem.segment
+            blocks = os.fstat(segment.fileno()).st_blocks * 512
+            ok = (mem.read() == b"\x33" * PAGE and later.read() == bytes(PAGE)
+                  and blocks <= 4 * PAGE)
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child copied holes, or lost data"
+
+
 # --- 8: dropped allocations are collected -------------------------------------------------------
 
 
