@@ -276,12 +276,16 @@ class SpanMemory(DiscardableMemory):
     @property
     def data(self) -> memoryview:
         """Writable view of the nbytes, only while locked; released by unlock() and close()."""
-        self._check_locked()
-        if self._view is not None and _released(self._view):  # e.g. `with mem.data as v:`
-            self._view = None
-        if self._view is None:
-            self._view = self._new_view()
-        return self._view
+        view = self._view
+        if view is not None and self._locked and not _released(view):
+            return view
+        with self.owner.mutex:  # an unlock() in another thread must not come in between
+            self._check_locked()
+            if self._view is not None and _released(self._view):  # `with mem.data as v:`
+                self._view = None
+            if self._view is None:
+                self._view = self._new_view()
+            return self._view
 
     def _new_view(self) -> memoryview:
         if self._buffer is None:
