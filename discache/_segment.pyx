@@ -247,7 +247,8 @@ cdef class Segment:
     def reclaim_span(self, Py_ssize_t first, Py_ssize_t count) -> int:
         """Make the kernel discard the span's unlocked pages now; returns how many are gone.
 
-        madvfree: see reclaim_unlocked (a page the kernel keeps is not counted).  memfd: without swap the kernel cannot reclaim shmem, so this punches a hole."""
+        madvfree: see reclaim_unlocked (a page the kernel keeps is not counted).  memfd: without
+        swap the kernel cannot reclaim shmem, so this punches a hole."""
         self._check_span(first, count)
         if self.kind == "memfd":
             self.discard_span(first, count)

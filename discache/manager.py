@@ -49,7 +49,7 @@ class _Allocation:
         self.memory: Any = None  # weakref to the SpanMemory, whose callback releases the span
 
 
-ManagedMemory = SpanMemory  # what the manager hands out (the name discache.cache imports)
+ManagedMemory = SpanMemory  # what the manager hands out, by the name it had before issue 11
 
 
 _MANAGERS: "weakref.WeakSet[DiscardableMemoryManager]" = weakref.WeakSet()

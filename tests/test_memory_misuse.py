@@ -43,8 +43,9 @@ def filled(m: DiscardableMemoryManager, byte: int, pages: int = 1):
 
 def accounting(m: DiscardableMemoryManager) -> dict:
     stats = m.stats()
-    return {k: stats[k] for k in ("allocated_bytes", "locked_bytes", "unlocked_bytes",
-                                  "purged_bytes", "allocations", "segments")} | {"unlocks": stats.get("unlocks", 0)}
+    keys = ("allocated_bytes", "locked_bytes", "unlocked_bytes", "purged_bytes", "allocations",
+            "segments")
+    return {k: stats[k] for k in keys} | {"unlocks": stats.get("unlocks", 0)}
 
 
 # --- 1, 2: unlock_many refuses the same memory twice and memory of another manager -------------

@@ -14,8 +14,9 @@ SIM_RAM_PAGES = 1 << 18  # 1 GiB of simulated RAM, allocated by the simulator as
 
 _kernel: Optional[SimulatedKernel] = None
 _process: Any = None
-_lock = threading.RLock()  # one simulated machine per Python process, driven by one thread at a time
-_unmapped_later: list[tuple[Any, int, int]] = []  # segments collected unclosed: (process, addr, nbytes)
+_lock = threading.RLock()  # one simulated machine per process, driven by one thread at a time
+# Segments collected without close(), to unmap at the next segment operation: (process, addr, nbytes)
+_unmapped_later: list[tuple[Any, int, int]] = []
 
 
 def _reset_lock_in_child() -> None:
@@ -148,7 +149,7 @@ class SimSegment:
             return len(runs)
 
     def discard_span(self, first: int, count: int) -> None:
-        """A policy purge of an unlocked span: its pages are dropped and reported at the next lock."""
+        """Discard an unlocked span (a policy's purge): its pages are reported at the next lock."""
         self._check(first, count)
         with _lock:
             if first in self._spans:
