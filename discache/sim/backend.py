@@ -15,7 +15,7 @@ SIM_RAM_PAGES = 1 << 18  # 1 GiB of simulated RAM, allocated by the simulator as
 _kernel: Optional[SimulatedKernel] = None
 _process: Any = None
 _lock = threading.RLock()  # one simulated machine per process, driven by one thread at a time
-# Segments collected without close(), to unmap at the next segment operation: (process, addr, nbytes)
+# Segments collected without close(): (process, addr, nbytes), unmapped at the next operation
 _unmapped_later: list[tuple[Any, int, int]] = []
 
 
