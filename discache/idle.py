@@ -108,9 +108,10 @@ class IdleTimer:
 class _Unraisable:
     """What sys.unraisablehook expects, for an exception raised by a cache's idle tick."""
 
-    def __init__(self, exc_info: Any, owner: Any) -> None:
+    def __init__(self, exc_info: Any, owner: Any,
+                 err_msg: str = "Exception in discache's idle timer, ticking") -> None:
         self.exc_type, self.exc_value, self.exc_traceback = exc_info
-        self.err_msg = "Exception in discache's idle timer, ticking"
+        self.err_msg = err_msg
         self.object = owner
 
 
