@@ -46,7 +46,7 @@ def resident(mem, first: int = 0, count: int = -1) -> int:
     """How many of mem's pages [first, first+count) mincore says are resident."""
     count = mem.npages - first if count < 0 else count
     if isinstance(mem, ManagedMemory):
-        return mem._segment.resident_pages(mem._span.first + first, count)
+        return mem.segment.resident_pages(mem.first + first, count)
     return mem._resident_pages(first, count)
 
 
