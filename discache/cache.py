@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy as _copy
 import functools
-import math
 import operator
 import os
 import sys
@@ -16,7 +15,7 @@ from typing import Any, Callable, Hashable, Iterator, NamedTuple, Optional
 
 import mmh3
 
-from . import idle
+from . import idle, validate
 from ._cache import MISSING, CacheCore, Guard, CacheEntry, EntryView, Slab, init_classes
 from .errors import PinnedError
 from .manager import PAGE, DiscardableMemoryManager, default_manager
@@ -40,32 +39,13 @@ class CacheInfo(NamedTuple):
 
 
 def _size(value: Any, what: str) -> int:
-    """An int number of bytes, 0..sys.maxsize (numpy integers welcome; bool, float, negatives
-    and sizes no memory can have refused)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{what} must be an int, got bool")
-    try:
-        size = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{what} must be an int, got {type(value).__name__}") from None
-    if size < 0:
-        raise ValueError(f"{what} must be >= 0, got {size}")
-    if size > sys.maxsize:
-        raise ValueError(f"{what} must be at most sys.maxsize ({sys.maxsize}), got {size}")
-    return size
+    """A number of bytes, 0..sys.maxsize (a size no memory can have is refused)."""
+    return validate.size(value, what, sys.maxsize, zero=True)
 
 
 def _idle_seconds(value: Any) -> Optional[float]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(
-            value, "__float__"):
-        raise TypeError(f"idle_unlock must be a number of seconds or None, got {value!r}")
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"idle_unlock must be a finite number of seconds >= 0 (0: unlock right "
-                         f"after each use; None: no idle timer), got {value!r}")
-    return seconds
+    """idle_unlock: None (no idle timer) or a finite number of seconds >= 0."""
+    return None if value is None else validate.duration(value, "idle_unlock", zero=True)
 
 
 class DiscardableCache(CacheCore, MutableMapping):
@@ -166,7 +146,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         try:
             return _size(weight, "getsizeof(value)")
         except ValueError:
-            if weight > 0:
+            if operator.index(weight) > 0:
                 raise ValueError(f"value too large: getsizeof says {weight}, for a cache of "
                                  f"maxsize {self.maxsize_}") from None
             raise

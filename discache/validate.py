@@ -7,16 +7,18 @@ import operator
 from typing import Any, Optional
 
 
-def size(value: Any, name: str = "nbytes", maximum: Optional[int] = None) -> int:
-    """value as a positive int (anything with __index__, numpy integers too; not bool)."""
+def size(value: Any, name: str = "nbytes", maximum: Optional[int] = None, *,
+         zero: bool = False) -> int:
+    """value as a positive int, or >= 0 when zero=True (anything with __index__, numpy integers
+    too; not bool)."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an integer, not a bool")
     try:
         n = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
-    if n <= 0:
-        raise ValueError(f"{name} must be positive, got {n}")
+    if n < 0 or (n == 0 and not zero):
+        raise ValueError(f"{name} must be {'>= 0' if zero else 'positive'}, got {n}")
     if maximum is not None and n > maximum:
         raise ValueError(f"{name} must be at most {maximum}, got {n}")
     return n

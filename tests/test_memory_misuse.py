@@ -356,6 +356,29 @@ def test_durations_are_validated_alike(bad):
     m.stop()
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -1.0, 0, True, "1", 1e300])
+def test_shared_memory_purge_times_are_validated(bad):
+    """purge(now=inf) raised OverflowError and nan was accepted: now it is duration's check."""
+    shm = DiscardableSharedMemory.create(4096)
+    shm.unlock()
+    with pytest.raises((ValueError, TypeError)):
+        shm.purge(now=bad)
+    assert shm.lock() == discache.LockResult.SUCCESS, "a refused purge changed nothing"
+    shm.close()
+
+
+def test_opening_a_read_only_memfd_raises_value_error():
+    """open() of a memfd opened read-only raised PermissionError where ValueError is said."""
+    shm = DiscardableSharedMemory.create(4096)
+    fd = os.open(f"/proc/self/fd/{shm.fileno()}", os.O_RDONLY)
+    try:
+        with pytest.raises(ValueError, match="reading and writing"):
+            DiscardableSharedMemory.open(fd, 4096)
+    finally:
+        os.close(fd)
+        shm.close()
+
+
 def test_memfd_lock_does_not_starve_behind_a_looping_force_reclaim():
     if "memfd" not in AVAILABLE:
         pytest.skip("no memfd here")
