@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from . import backends
-from ._core import DiscardableSharedMemory, LockResult, PageTable
+from ._core import DiscardableSharedMemory, LockResult
+from .sim._sim import PageTable
 from .errors import (BackendUnavailableError, DiscacheError, PinnedError, PurgedError,
                      PurgedPageError)
-from .memory import DiscardableMemory, DiscardableMemoryAllocator, allocate, force_reclaim
+from .memory import DiscardableMemory, force_reclaim
+from .allocation import DiscardableMemoryAllocator, allocate
 from .manager import DiscardableMemoryManager, default_manager
 from .cache import DiscardableCache, cached
 

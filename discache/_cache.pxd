@@ -42,6 +42,7 @@ cdef class CacheCore:
     cdef public bint default_size     # getsizeof is the value's byte size: no Python call
     cdef public list partial_         # per size class: slabs with a free slot
     cdef public object lock_
+    cdef public object guard_         # lock_ with the garbage collector paused
     cdef public object purged_keys_   # keys found purged, until stored again (regenerations)
     cdef public list events_          # (key, reason) to report once the lock is released
     cdef public Py_ssize_t evicted_for_size_
@@ -54,5 +55,6 @@ cdef class CacheCore:
     cdef bint _fits(self, CacheEntry old, Py_ssize_t size)
     cdef Slab _claim(self, Py_ssize_t size, CacheEntry entry)
     cdef int _write(self, Slab slab, Py_ssize_t slot, const char *data, Py_ssize_t size) except -1
-    cdef list _evict_over(self, CacheEntry keep)
+    cdef int _evict_over(self, CacheEntry keep) except -1
+    cdef int _dict_remove(self, CacheEntry entry) except -1
     cdef void _release_slot(self, CacheEntry entry) except *

@@ -18,6 +18,86 @@ from libc.string cimport memcpy
 
 from .errors import PinnedError
 
+cdef extern from *:
+    """
+    /* The garbage collector paused while a cache's lock is held: a finalizer run by a
+       collection in the middle of a cache call (weakref.finalize(obj, cache.pop, key)) would
+       otherwise re-enter the cache half-way through a change. */
+    #if PY_VERSION_HEX >= 0x030A0000
+    static int dc_gc_disable(void) { return PyGC_Disable(); }
+    static void dc_gc_enable(void) { PyGC_Enable(); }
+    #else
+    static int dc_gc_call(const char *name) {
+        PyObject *gc = PyImport_ImportModule("gc"), *r;
+        int enabled = 0;
+        if (gc == NULL) { PyErr_Clear(); return 0; }
+        r = PyObject_CallMethod(gc, "isenabled", NULL);
+        if (r != NULL) { enabled = PyObject_IsTrue(r); Py_DECREF(r); }
+        r = name ? PyObject_CallMethod(gc, name, NULL) : NULL;
+        Py_XDECREF(r);
+        Py_DECREF(gc);
+        PyErr_Clear();
+        return enabled;
+    }
+    static int dc_gc_disable(void) { return dc_gc_call("disable"); }
+    static void dc_gc_enable(void) { dc_gc_call("enable"); }
+    #endif
+    """
+    int dc_gc_disable()
+    void dc_gc_enable()
+
+
+cdef Py_ssize_t GC_HOLDS = 0  # guards held in this process (all caches, all threads)
+cdef bint GC_WAS_ENABLED = False
+
+
+cdef class Guard:
+    """A cache's lock, with the garbage collector paused while any cache's lock is held (the
+    counts change under the GIL with no Python code between, so threads agree on them)."""
+
+    cdef object lock
+    cdef Py_ssize_t depth
+
+    def __cinit__(self, lock):
+        self.lock = lock
+
+    def __enter__(self):
+        global GC_HOLDS, GC_WAS_ENABLED
+        self.lock.acquire()
+        self.depth += 1
+        if self.depth == 1:
+            if GC_HOLDS == 0:
+                GC_WAS_ENABLED = dc_gc_disable()
+            GC_HOLDS += 1
+        return self
+
+    def __exit__(self, *exc_info):
+        global GC_HOLDS
+        if self.depth == 1:
+            GC_HOLDS -= 1
+            if GC_HOLDS == 0 and GC_WAS_ENABLED:
+                dc_gc_enable()
+        self.depth -= 1
+        self.lock.release()
+        return False
+
+    def acquire_now(self) -> bool:
+        """Enter without waiting; False if another thread holds the lock."""
+        global GC_HOLDS, GC_WAS_ENABLED
+        if not self.lock.acquire(False):
+            return False
+        self.depth += 1
+        if self.depth == 1:
+            if GC_HOLDS == 0:
+                GC_WAS_ENABLED = dc_gc_disable()
+            GC_HOLDS += 1
+        return True
+
+    def release(self) -> None:
+        """Leave after acquire_now()."""
+        self.__exit__(None, None, None)
+
+
 MISSING = object()  # the slow path's answer for a missing or purged entry
 MIN_SLOTS = 8  # slots per slab at least: a value wastes under 1/8 of its slot to the class step
 CLASS_STEP = 1.1  # a class is at most 10% larger than the one below it
@@ -137,13 +217,12 @@ cdef class CacheEntry:
 
 cdef class EntryView:
     """The read-only buffer of one entry handed out by DiscardableCache.view(): the entry stays
-    pinned until the last memoryview (or slice of one) of it is released."""
+    pinned while this object lives (a memoryview of it, a slice, a numpy array made on it)."""
 
     cdef CacheEntry entry
     cdef object owner
     cdef object copy
     cdef char *ptr
-    cdef Py_ssize_t exports
 
     def __cinit__(self, owner, CacheEntry entry):
         cdef Slab slab = entry.slab
@@ -157,20 +236,17 @@ cdef class EntryView:
             self.ptr = slab.base + entry.slot * slab.slot_size
 
     def __getbuffer__(self, Py_buffer *buffer, int flags):
-        if self.owner is None:
-            raise BufferError("this view of the cache entry has ended")
         if flags & PyBUF_WRITABLE:
             raise BufferError("a cache entry's view is read-only")
         PyBuffer_FillInfo(buffer, self, self.ptr, self.entry.size, 1, flags)
-        self.exports += 1
 
-    def __releasebuffer__(self, Py_buffer *buffer):
-        cdef Slab slab = self.entry.slab
-        self.exports -= 1
-        if self.exports == 0 and self.owner is not None:
-            owner, self.owner = self.owner, None
-            if self.entry.change_pins(-1, True) == 0:
-                owner._last_pin_gone(slab)
+    def __dealloc__(self):
+        cdef Slab slab
+        if self.owner is None or self.entry is None:
+            return
+        slab = self.entry.slab
+        if self.entry.change_pins(-1, True) == 0:
+            self.owner._last_pin_gone(slab)
 
 
 cdef class CacheCore:
@@ -183,12 +259,11 @@ cdef class CacheCore:
         self.default_size = True
 
     def __setitem__(self, key, value):
-        evicted = self._store(key, value)
-        if evicted is not None and self.on_evict_ is not None:
-            for victim in evicted:
-                self.on_evict_(victim, "size")
-        if self.events_:
-            self._flush()
+        try:
+            self._store(key, value)
+        finally:
+            if self.events_:
+                self._flush()
 
     # ------------------------------------------------------------------ the LRU list
 
@@ -241,17 +316,42 @@ cdef class CacheCore:
         """Put an entry at the most recently used end (it is not linked)."""
         self._append(entry)
 
-    def _forget(self, CacheEntry entry) -> None:
-        """Take an entry out of the LRU list and the dict, keeping its slot (lock held)."""
+    cdef int _dict_remove(self, CacheEntry entry) except -1:
+        """Take entry out of the dict.  A key whose __hash__ or __eq__ raises leaves everything
+        as it was and the exception goes up; a key changed since it was stored (it no longer
+        finds itself) is removed by identity."""
+        cdef PyObject *found = PyDict_GetItemWithError(self.entries_, entry.key)
+        if found == <PyObject *>entry:
+            del self.entries_[entry.key]
+            return 0
+        if not any(e is entry for e in self.entries_.values()):
+            return 0
+        kept = [(k, e) for k, e in self.entries_.items() if e is not entry]
+        self.entries_.clear()
+        for k, e in kept:
+            self.entries_[k] = e
+        return 0
+
+    def _forget(self, CacheEntry entry, bint force=False) -> None:
+        """Take an entry out of the dict and the LRU list, keeping its slot (lock held).  A key
+        raising in the dict raises here with nothing changed, unless force (a purged entry must
+        go): then the dict is rebuilt without it."""
+        try:
+            self._dict_remove(entry)
+        except Exception:
+            if not force:
+                raise
+            kept = [(k, e) for k, e in self.entries_.items() if e is not entry]
+            self.entries_.clear()
+            for k, e in kept:
+                self.entries_[k] = e
         if entry.linked:
             self._unlink(entry)
-        if self.entries_.get(entry.key) is entry:
-            del self.entries_[entry.key]
         self.currsize_ -= entry.weight
 
-    def _detach(self, CacheEntry entry) -> None:
-        """Take an entry out of the LRU list and the dict, and free its slot (lock held)."""
-        self._forget(entry)
+    def _detach(self, CacheEntry entry, bint force=False) -> None:
+        """Take an entry out of the dict and the LRU list, and free its slot (lock held)."""
+        self._forget(entry, force)
         self._release_slot(entry)
 
     # ------------------------------------------------------------------ reads
@@ -314,24 +414,29 @@ cdef class CacheCore:
     # ------------------------------------------------------------------ writes
 
     def _store(self, key, value):
-        """Store value's bytes under key; returns the keys evicted for size (or None)."""
+        """Store value's bytes under key (evictions for size go to events_ when reported)."""
         cdef Py_buffer view
         cdef Py_ssize_t weight
+        given = value
         try:
             PyObject_GetBuffer(value, &view, PyBUF_SIMPLE)
-        except BufferError:  # not contiguous (a strided array): one copy
-            value = memoryview(value).tobytes()
+        except (BufferError, ValueError):  # not contiguous (a strided array): one copy
+            try:
+                value = memoryview(value).tobytes()
+            except TypeError:
+                raise TypeError(f"a cache value must be bytes-like (bytes, bytearray, "
+                                f"memoryview, array...), got {type(value).__name__}") from None
             PyObject_GetBuffer(value, &view, PyBUF_SIMPLE)
         except TypeError:
             raise TypeError(f"a cache value must be bytes-like (bytes, bytearray, memoryview, "
                             f"array...), got {type(value).__name__}") from None
         try:
-            weight = view.len if self.default_size else self._weigh(value)
+            weight = view.len if self.default_size else self._weigh(given)
             if weight > self.maxsize_:
                 raise ValueError(f"value too large: {weight} for a cache of maxsize "
                                  f"{self.maxsize_}")
-            with self.lock_:
-                return self._put(key, <const char *>view.buf, view.len, weight)
+            with self.guard_:
+                self._put(key, <const char *>view.buf, view.len, weight)
         finally:
             PyBuffer_Release(&view)
 
@@ -344,7 +449,7 @@ cdef class CacheCore:
             raise PinnedError(f"{key!r} is pinned: unpin it (or end its view) before replacing it")
         if self.purged_keys_:
             self.purged_keys_.pop(key, None)
-        if old is not None and size and self._fits(old, size):
+        if old is not None and old.linked and size and self._fits(old, size):
             self._write(old.slab, old.slot, data, size)
             self.currsize_ += weight - old.weight
             old.size = size
@@ -361,14 +466,21 @@ cdef class CacheCore:
         entry.weight = weight
         if size:
             slab = self._claim(size, entry)
-            self._write(slab, entry.slot, data, size)
-        # Claiming may have locked a purged slab and dropped its entries: look again.
-        found = PyDict_GetItemWithError(self.entries_, key)
-        old = <CacheEntry>found if found != NULL else None
+        try:
+            if size:
+                self._write(slab, entry.slot, data, size)
+            # Claiming may have locked a purged slab and dropped its entries: look again.
+            found = PyDict_GetItemWithError(self.entries_, key)
+            old = <CacheEntry>found if found != NULL else None
+            # In the dict before the LRU list: a hit finds it unlinked and takes the slow path.
+            self.entries_[key] = entry
+        except BaseException:  # a key raising in the dict, a write failing: as before
+            if size:
+                self._release_slot(entry)
+            raise
         if old is not None and old.linked:
             self._unlink(old)
         self._append(entry)
-        self.entries_[key] = entry
         self.currsize_ += weight
         if old is not None:
             self.currsize_ -= old.weight
@@ -447,9 +559,9 @@ cdef class CacheCore:
             (<list>self.partial_[slab.size_class]).append(slab)
             slab.listed = True
 
-    cdef list _evict_over(self, CacheEntry keep):
-        """Evict least recently used unpinned entries (never keep) until under maxsize."""
-        cdef list evicted = None
+    cdef int _evict_over(self, CacheEntry keep) except -1:
+        """Evict least recently used unpinned entries (never keep) until under maxsize; each
+        eviction goes to events_ when there is an on_evict to tell."""
         cdef CacheEntry victim
         while self.currsize_ > self.maxsize_:
             victim = self.head
@@ -457,12 +569,11 @@ cdef class CacheCore:
                 victim = victim.next
             if victim is None:
                 break
+            self._dict_remove(victim)  # a key raising there stops here, the cache consistent
             self._unlink(victim)
-            del self.entries_[victim.key]
             self.currsize_ -= victim.weight
             self._release_slot(victim)
             self.evicted_for_size_ += 1
-            if evicted is None:
-                evicted = []
-            evicted.append(victim.key)
-        return evicted
+            if self.on_evict_ is not None:
+                self.events_.append((victim.key, "size"))
+        return 0

@@ -1,9 +1,5 @@
-# Declarations of the compiled core; one .pxd per cdef class, included here.
-include "_pagetable.pxd"
+# Declarations of the compiled real memory; one .pxd per cdef class, included here.
 include "_kernel.pxd"
-include "_freemap.pxd"
-include "_simpager.pxd"
-include "_simcore.pxd"
 include "_mapped.pxd"
 include "_madvfree.pxd"
 include "_ashmem.pxd"

@@ -1,11 +1,8 @@
 # cython: language_level=3
-"""discache's compiled core: page bookkeeping, generation tokens, and the kernel calls."""
+"""discache's compiled real memory: the kernel calls, the segment kinds and the mapped memories.
+The simulator's compiled code is discache.sim._sim, the cache's discache._cache."""
 
-include "_pagetable.pyx"
 include "_kernel.pyx"
-include "_freemap.pyx"
-include "_simpager.pyx"
-include "_simcore.pyx"
 include "_mapped.pyx"
 include "_madvfree.pyx"
 include "_ashmem.pyx"

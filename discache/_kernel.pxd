@@ -3,6 +3,7 @@ from libc.stdint cimport uint64_t
 
 cdef extern from "<errno.h>":
     int errno
+    int EACCES
 
 cdef extern from "<unistd.h>" nogil:
     long sysconf(int name)

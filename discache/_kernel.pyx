@@ -7,6 +7,8 @@ import operator as _operator
 import os as _os
 import time as _time
 
+from discache import validate as _validate
+
 
 def page_size() -> int:
     """The kernel's page size in bytes."""
@@ -118,11 +120,7 @@ def physical_memory() -> int:
 
 cdef Py_ssize_t _check_nbytes(object nbytes) except -1:
     """A size argument: an int from 1 byte to the machine's physical memory, or a clear error."""
-    cdef object n = _operator.index(nbytes)
-    cdef object limit = physical_memory()
-    if n <= 0 or n > limit:
-        raise ValueError(f"nbytes must be between 1 and {limit} (physical memory), got {n}")
-    return n
+    return _validate.size(nbytes, "nbytes", physical_memory())
 
 
 cdef object _oserror(int err, str what):

@@ -9,8 +9,6 @@ import weakref as _weakref
 # Page loops over at least this many pages run without the GIL.
 cdef Py_ssize_t MADVFREE_NOGIL_PAGES = 2048
 
-# force_reclaim retries: each one frees the kept pages again and drains and pages out again.
-
 # SIGBUS-mode memories of this process: a forked child must register them with its own
 # userfaultfd, since fork() drops the registration (no UFFD_FEATURE_EVENT_FORK).
 _SIGBUS_MEMORIES = _weakref.WeakSet()

@@ -43,6 +43,16 @@ cdef class MappedMemory:
         self.locked = False
         return 0
 
+    def __copy__(self):
+        raise TypeError(f"{type(self).__name__} cannot be copied: the copy would share the "
+                        "memory and its lock state; allocate new memory and write into it")
+
+    def __deepcopy__(self, memo):
+        return self.__copy__()
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(f"{type(self).__name__} cannot be pickled or copied")
+
     @property
     def backend(self) -> str:
         """The backend's name."""

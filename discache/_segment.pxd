@@ -11,12 +11,15 @@ cdef class Segment:
     cdef uint64_t *saved            # madvfree: each unlocked page's first word (the cookie's place)
     cdef uint8_t *lost              # memfd: pages discarded by discard_span since their last lock
     cdef Py_ssize_t exports         # live buffers of the mapping: close() waits for them
+    cdef bint orphaned              # a forked child without a memfd of its own: pages all lost
     cdef object __weakref__
 
     cdef int _check_span(self, Py_ssize_t first, Py_ssize_t count) except -1
     cdef int _check_open(self) except -1
     cdef int _unlock(self, Py_ssize_t first, Py_ssize_t count) except -1
     cdef int _drop(self, Py_ssize_t first, Py_ssize_t count, uint8_t lost) except -1
+    cdef bint _copy_data_into(self, int fd) noexcept
+    cdef void _own_pages_after_fork(self) noexcept
 
 
 cdef class SpanBuffer:

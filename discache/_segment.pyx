@@ -1,5 +1,6 @@
 # A mapping carved into page spans that lock, unlock and are discarded independently: the unit
-# DiscardableMemoryManager packs small allocations into.  Included by _core.pyx.
+# DiscardableMemoryManager packs small allocations into, and (one span) what discache.allocate
+# gives on "memfd".  The segment protocol is in docs/glossary.md.  Included by _core.pyx.
 #
 # "madvfree": unlocking a span saves each page's first word, stores the cookie there and
 # MADV_FREEs the span; locking swaps the cookie back by compare-and-swap, so a page the kernel
@@ -10,9 +11,35 @@ from cpython.buffer cimport PyBuffer_FillInfo
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport uint64_t, uint8_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
+
+import weakref as _weakref
 
 SEGMENT_KINDS = ("madvfree", "memfd")
+
+cdef extern from "<sys/mman.h>" nogil:
+    int MAP_FIXED
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t pwrite(int fd, const void *buf, size_t count, long offset)
+    long lseek(int fd, long offset, int whence)
+    int SEEK_DATA
+    int SEEK_HOLE
+
+cdef extern from "<errno.h>" nogil:
+    int ENXIO
+
+# memfd segments of this process: a forked child gives each a memfd of its own (see
+# _own_pages_after_fork), or parent and child would share every span.
+_SHARED_SEGMENTS = _weakref.WeakSet()
+
+
+def _own_shared_segments_after_fork() -> None:
+    for segment in list(_SHARED_SEGMENTS):
+        (<Segment>segment)._own_pages_after_fork()
+
+
+_os.register_at_fork(after_in_child=_own_shared_segments_after_fork)
 
 
 cdef class Segment:
@@ -25,9 +52,7 @@ cdef class Segment:
         self.page = sysconf(_SC_PAGESIZE)
         if kind not in SEGMENT_KINDS:
             raise ValueError(f"segment kind must be one of {SEGMENT_KINDS}, got {kind!r}")
-        n = _as_index(npages)
-        if n <= 0 or n > (1 << 40) // self.page:
-            raise ValueError(f"a segment needs 1..{(1 << 40) // self.page} pages, got {npages!r}")
+        n = _validate.size(npages, "npages", (1 << 40) // self.page)
         self.kind = kind
         self.npages = n
         self.nbytes = n * self.page
@@ -48,10 +73,59 @@ cdef class Segment:
                                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
             self.saved = <uint64_t *>calloc(n, sizeof(uint64_t))
         if self.base == <char *>MAP_FAILED:
+            err = errno
             self.base = NULL
-            raise _oserror(errno, "mmap")
+            raise MemoryError(f"cannot map {self.nbytes} bytes: {_os.strerror(err)}")
         if self.saved == NULL and self.lost == NULL:
             raise MemoryError("cannot allocate a segment's page records")
+        if self.fd >= 0:
+            _SHARED_SEGMENTS.add(self)
+
+    cdef bint _copy_data_into(self, int fd) noexcept:
+        """Write the segment's data extents (holes skipped: they stay holes) into fd."""
+        cdef long start = 0, end, n
+        while start < self.nbytes:
+            start = lseek(self.fd, start, SEEK_DATA)
+            if start < 0:
+                return errno == ENXIO  # no data past start: the rest is a hole
+            end = lseek(self.fd, start, SEEK_HOLE)
+            if end < 0 or end > self.nbytes:
+                end = self.nbytes
+            while start < end:
+                n = pwrite(fd, self.base + start, end - start, start)
+                if n <= 0:
+                    return False
+                start += n
+        return True
+
+    cdef void _own_pages_after_fork(self) noexcept:
+        """In a forked child: copy the pages into a new memfd mapped at the same address, so
+        that what the child writes, locks or discards is its own (as with private memory)."""
+        cdef int fd
+        cdef bint copied = False
+        cdef void *mapping
+        if self.base == NULL or self.fd < 0:
+            return
+        fd = memfd_create(b"discache-segment", MFD_CLOEXEC)
+        if fd >= 0 and ftruncate(fd, self.nbytes) == 0:
+            copied = self._copy_data_into(fd)
+        if copied:
+            mapping = mmap(self.base, self.nbytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+                           fd, 0)
+            if mapping != MAP_FAILED:
+                close(self.fd)
+                self.fd = fd
+                return
+        if fd >= 0:
+            close(fd)
+        # No memfd of its own: a private copy-on-write mapping of the parent's file at least
+        # keeps the child's writes from the parent, and every page counts as lost from now on.
+        mapping = mmap(self.base, self.nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED,
+                       self.fd, 0)
+        close(self.fd)
+        self.fd = -1
+        self.orphaned = True
+        memset(self.lost, 1, self.npages)
 
     def __dealloc__(self):
         if self.base != NULL:
@@ -160,17 +234,21 @@ cdef class Segment:
             if madvise(self.base + first * self.page, count * self.page, MADV_DONTNEED) != 0:
                 raise _oserror(errno, "madvise(MADV_DONTNEED)")
             return 0
-        if fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                     first * self.page, count * self.page) != 0:
+        if self.orphaned:
+            if madvise(self.base + first * self.page, count * self.page, MADV_DONTNEED) != 0:
+                raise _oserror(errno, "madvise(MADV_DONTNEED)")
+        elif fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                       first * self.page, count * self.page) != 0:
             raise _oserror(errno, "fallocate(PUNCH_HOLE)")
         for i in range(first, first + count):
-            self.lost[i] = lost
+            self.lost[i] = lost or self.orphaned
         return 0
 
     def reclaim_span(self, Py_ssize_t first, Py_ssize_t count) -> int:
         """Make the kernel discard the span's unlocked pages now; returns how many are gone.
 
-        madvfree: see reclaim_unlocked (a page the kernel keeps is not counted).  memfd: without swap the kernel cannot reclaim shmem, so this punches a hole."""
+        madvfree: see reclaim_unlocked (a page the kernel keeps is not counted).  memfd: without
+        swap the kernel cannot reclaim shmem, so this punches a hole."""
         self._check_span(first, count)
         if self.kind == "memfd":
             self.discard_span(first, count)

@@ -42,8 +42,10 @@ cdef inline uint64_t _usage_now():
 cdef inline uint64_t _usage_from(object now) except? 0:
     if now is None:
         return _usage_now()
-    if now <= 0:
-        raise ValueError(f"now must be a positive time in seconds, got {now!r}")
+    now = _validate.duration(now, "now")  # positive, finite: inf and nan are refused
+    if now >= 2.0 ** 62 / 1_000_000:
+        raise ValueError(f"now must be a time in seconds below {2 ** 62 // 1_000_000}, "
+                         f"got {now!r}")
     return <uint64_t>round(now * 1_000_000)
 
 
@@ -116,6 +118,9 @@ cdef class DiscardableSharedMemory:
                                  f"(page-rounded), not {nbytes}")
         mapping = mmap(NULL, self.mapped, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
         if mapping == MAP_FAILED:
+            if errno == EACCES:  # opened read-only (e.g. /proc/PID/fd/N with O_RDONLY)
+                raise ValueError("fd is not open for reading and writing: a discache shared "
+                                 "segment must be mapped read-write")
             raise _oserror(errno, "mmap of the memfd")
         self.base = <char *>mapping
         header = <uint64_t *>self.base

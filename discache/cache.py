@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import copy as _copy
 import functools
-import math
 import operator
 import os
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -15,8 +15,8 @@ from typing import Any, Callable, Hashable, Iterator, NamedTuple, Optional
 
 import mmh3
 
-from . import idle
-from ._cache import MISSING, CacheCore, CacheEntry, EntryView, Slab, init_classes
+from . import idle, validate
+from ._cache import MISSING, CacheCore, Guard, CacheEntry, EntryView, Slab, init_classes
 from .errors import PinnedError
 from .manager import PAGE, DiscardableMemoryManager, default_manager
 
@@ -39,29 +39,13 @@ class CacheInfo(NamedTuple):
 
 
 def _size(value: Any, what: str) -> int:
-    """An int number of bytes >= 0 (numpy integers welcome; bool, float and negatives refused)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{what} must be an int, got bool")
-    try:
-        size = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{what} must be an int, got {type(value).__name__}") from None
-    if size < 0:
-        raise ValueError(f"{what} must be >= 0, got {size}")
-    return size
+    """A number of bytes, 0..sys.maxsize (a size no memory can have is refused)."""
+    return validate.size(value, what, sys.maxsize, zero=True)
 
 
 def _idle_seconds(value: Any) -> Optional[float]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(
-            value, "__float__"):
-        raise TypeError(f"idle_unlock must be a number of seconds or None, got {value!r}")
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"idle_unlock must be a finite number of seconds >= 0 (0: unlock right "
-                         f"after each use; None: no idle timer), got {value!r}")
-    return seconds
+    """idle_unlock: None (no idle timer) or a finite number of seconds >= 0."""
+    return None if value is None else validate.duration(value, "idle_unlock", zero=True)
 
 
 class DiscardableCache(CacheCore, MutableMapping):
@@ -108,6 +92,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         self.on_evict_ = on_evict
         self.idle_unlock = idle_unlock
         self.lock_ = threading.RLock()
+        self.guard_ = Guard(self.lock_)
         self.partial_ = [[] for _ in SIZE_CLASSES]
         self._slabs: set[Slab] = set()  # every open slab
         self._locked_slabs: set[Slab] = set()
@@ -120,8 +105,10 @@ class DiscardableCache(CacheCore, MutableMapping):
         self.purged_bytes = 0  # bytes of slabs found purged
         self.relocks = 0  # slabs locked again intact
         self.too_large = 0  # values get_or_create and cached returned without storing
-        # A cache dropped without close() gives its memory back.
+        # A cache dropped without close() gives its memory back (not at exit: the system does,
+        # and a view may still be read by an exit handler).
         self._finalizer = weakref.finalize(self, _close_slabs, self._slabs)
+        self._finalizer.atexit = False
         manager.register_cache(self)
         _CACHES[id(self)] = self
 
@@ -154,19 +141,26 @@ class DiscardableCache(CacheCore, MutableMapping):
         return self.currsize_
 
     def _weigh(self, value: Any) -> int:
-        """getsizeof(value), checked: an int >= 0."""
-        return _size(self.getsizeof(value), "getsizeof(value)")
+        """getsizeof(value), checked: an int >= 0 (a weight no memory can have is too large)."""
+        weight = self.getsizeof(value)
+        try:
+            return _size(weight, "getsizeof(value)")
+        except ValueError:
+            if operator.index(weight) > 0:
+                raise ValueError(f"value too large: getsizeof says {weight}, for a cache of "
+                                 f"maxsize {self.maxsize_}") from None
+            raise
 
     # ------------------------------------------------------------------ the mapping
 
     def __delitem__(self, key: Hashable) -> None:
-        with self.lock_:
+        with self.guard_:
             entry = self.entries_[key]
             if entry.pins:
                 raise PinnedError(f"{key!r} is pinned: unpin it (or end its view) before "
                                   "deleting it")
             self._detach(entry)
-        self._report([key], "explicit")
+        self._report([entry.key], "explicit")
 
     def __missing__(self, key: Hashable) -> bytes:
         raise KeyError(key)
@@ -180,7 +174,7 @@ class DiscardableCache(CacheCore, MutableMapping):
 
     def __iter__(self) -> Iterator[Hashable]:
         """The keys of intact entries (unlocked slabs are checked first)."""
-        with self.lock_:
+        with self.guard_:
             self._check_unlocked()
             keys = list(self.entries_)
         self._flush()
@@ -188,7 +182,7 @@ class DiscardableCache(CacheCore, MutableMapping):
 
     def items(self) -> list[tuple[Hashable, bytes]]:  # type: ignore[override]
         """(key, bytes) of every intact entry, a snapshot."""
-        with self.lock_:
+        with self.guard_:
             self._check_unlocked()
             pairs = [(key, self._read(entry)) for key, entry in self.entries_.items()]
         self._flush()
@@ -200,15 +194,18 @@ class DiscardableCache(CacheCore, MutableMapping):
 
     def pop(self, key: Hashable, default: Any = MISSING) -> Any:
         """Remove the entry and return its bytes; default (or KeyError) if missing or purged."""
-        with self.lock_:
-            value = self._get_locked(key, touch=False)
-            if value is not MISSING:
-                entry = self.entries_[key]
-                if entry.pins:
-                    raise PinnedError(f"{key!r} is pinned: unpin it (or end its view) before "
-                                      "removing it")
-                self._detach(entry)
-        self._flush()
+        try:
+            with self.guard_:
+                entry = self.entries_.get(key)
+                value = MISSING
+                if entry is not None and self._ensure_locked(entry):
+                    if entry.pins:
+                        raise PinnedError(f"{key!r} is pinned: unpin it (or end its view) "
+                                          "before removing it")
+                    value = self._read(entry)
+                    self._detach(entry)
+        finally:
+            self._flush()
         if value is MISSING:
             if default is MISSING:
                 raise KeyError(key)
@@ -219,18 +216,20 @@ class DiscardableCache(CacheCore, MutableMapping):
     def popitem(self) -> tuple[Hashable, bytes]:
         """Remove and return the least recently used unpinned entry that is intact."""
         while True:
-            with self.lock_:
-                entry = self._oldest_unpinned()
-                if entry is None:
-                    break
-                key = entry.key
-                value = self._get_locked(key, touch=False)
-                if value is not MISSING:
-                    self._detach(self.entries_[key])
-            self._flush()
+            try:
+                with self.guard_:
+                    entry = self._oldest_unpinned()
+                    if entry is None:
+                        break
+                    value = MISSING
+                    if self._ensure_locked(entry):  # else found purged: dropped, try the next
+                        value = self._read(entry)
+                        self._detach(entry, True)  # even under a key changed since stored
+            finally:
+                self._flush()
             if value is not MISSING:
-                self._report([key], "explicit")
-                return key, value
+                self._report([entry.key], "explicit")
+                return entry.key, value
         raise KeyError(f"{type(self).__name__} is empty") from None
 
     def setdefault(self, key: Hashable, default: Any = None) -> Any:
@@ -242,7 +241,7 @@ class DiscardableCache(CacheCore, MutableMapping):
 
     def clear(self) -> None:
         """Drop every entry but the pinned ones (reported as explicit evictions)."""
-        with self.lock_:
+        with self.guard_:
             dropped = [entry.key for entry in self._lru() if not entry.pins]
             for key in dropped:
                 self._detach(self.entries_[key])
@@ -264,7 +263,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         return settings
 
     def _entries_lru(self) -> list[tuple[Hashable, bytes]]:
-        with self.lock_:
+        with self.guard_:
             self._check_unlocked()
             pairs = [(entry.key, self._read(entry)) for entry in self._lru()]
         self._flush()
@@ -307,7 +306,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         created = factory()
         with memoryview(created) as view:
             result = view.tobytes()
-        with self.lock_:
+        with self.guard_:
             if self.purged_keys_.pop(key, MISSING) is not MISSING:
                 self.regenerations += 1
         try:
@@ -315,7 +314,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         except PinnedError:
             pass  # another thread stored the key meanwhile and is reading it: keep its value
         except ValueError:
-            with self.lock_:
+            with self.guard_:
                 self.too_large += 1
         return result
 
@@ -323,28 +322,43 @@ class DiscardableCache(CacheCore, MutableMapping):
     def view(self, key: Hashable) -> Iterator[memoryview]:
         """Zero-copy read-only access to the entry; KeyError if missing or purged.  The entry
         stays pinned while the view, or any slice of it, lives."""
-        with self.lock_:
-            entry = self._pin(key, view=True)
-            self._touch(entry)
-            if entry.slab is not None:
-                entry.slab.used = True
-        self._flush()
-        mv = memoryview(EntryView(self, entry))  # holds the pin until its last buffer goes
+        try:
+            with self.guard_:
+                entry = self._pin(key, view=True)
+                self._touch(entry)
+                if entry.slab is not None:
+                    entry.slab.used = True
+                mv = memoryview(EntryView(self, entry))  # holds the pin while it lives
+        except BaseException:
+            self._flush_beside()  # purges found on the way, the KeyError going up
+            raise
+        try:
+            self._flush()
+        except BaseException:
+            mv.release()
+            raise
         try:
             yield mv
         finally:
-            mv.release()
+            try:
+                mv.release()
+            except BufferError:  # exported further (numpy.frombuffer...): pinned until that goes
+                pass
 
     def pin(self, key: Hashable) -> None:
         """Keep the entry locked (never unlocked, reclaimed or evicted) until unpin; KeyError
         if missing or purged."""
-        with self.lock_:
-            self._pin(key)
+        try:
+            with self.guard_:
+                self._pin(key)
+        except BaseException:
+            self._flush_beside()
+            raise
         self._flush()
 
     def unpin(self, key: Hashable) -> None:
         """Undo one pin."""
-        with self.lock_:
+        with self.guard_:
             entry = self.entries_[key]
             if entry.pins - entry.views == 0:
                 raise ValueError(f"{key!r} is not pinned")
@@ -362,14 +376,14 @@ class DiscardableCache(CacheCore, MutableMapping):
         """A slab's last pin (or view) went: close it if the cache dropped it, else let the idle
         timer see it.  A view's buffer may be released in any thread, even one holding another
         lock (the manager's, in a garbage collection): never wait for the cache's lock here."""
-        if not self.lock_.acquire(blocking=False):
+        if not self.guard_.acquire_now():
             self._orphans.append(slab)  # the next idle tick finishes the work
             idle.TIMER.schedule(self, 0)
             return
         try:
             self._settle(slab)
         finally:
-            self.lock_.release()
+            self.guard_.release()
 
     def _settle(self, slab: Slab) -> None:
         """Close an unpinned slab the cache dropped; make sure an unpinned locked one is timed."""
@@ -388,7 +402,7 @@ class DiscardableCache(CacheCore, MutableMapping):
             idle = 0.0
         if isinstance(idle, bool) or not isinstance(idle, (int, float)) or not (idle >= 0):
             raise ValueError(f"idle must be a number of seconds >= 0, got {idle!r}")
-        with self.lock_:
+        with self.guard_:
             return self._sweep(float(idle))[0]
 
     def _sweep(self, idle: float) -> tuple[int, bool]:
@@ -424,7 +438,7 @@ class DiscardableCache(CacheCore, MutableMapping):
 
     def _idle_tick(self) -> None:
         """The idle timer's call: unlock what has been idle long enough, then sleep again."""
-        with self.lock_:
+        with self.guard_:
             while self._orphans:
                 self._settle(self._orphans.pop())
             self._scheduled = False
@@ -456,6 +470,9 @@ class DiscardableCache(CacheCore, MutableMapping):
                 size_class = -1
         if size_class < 0:
             slot_size, pages, slots = -(-size // PAGE) * PAGE, -(-size // PAGE), 1
+            if pages * PAGE > self.manager.limit:
+                raise ValueError(f"value too large: {size} bytes exceed the manager's limit of "
+                                 f"{self.manager.limit} bytes")
         mem = self.manager.allocate(pages * PAGE)
         slab = Slab(mem, size_class, slot_size, slots)
         slab.last_used = idle_clock()
@@ -480,9 +497,12 @@ class DiscardableCache(CacheCore, MutableMapping):
             self.purges_detected += len(lost)
             self.purged_bytes += slab.nbytes if not intact else sum(e.size for e in lost)
             for entry in lost:
-                self._detach(entry)
+                self._detach(entry, True)  # a purged entry goes, whatever its key does
                 self.events_.append((entry.key, "purged"))
-                self.purged_keys_[entry.key] = None
+                try:
+                    self.purged_keys_[entry.key] = None
+                except Exception:  # a key that cannot be hashed any more: not counted
+                    pass
             while len(self.purged_keys_) > PURGED_KEYS_KEPT:
                 self.purged_keys_.popitem(last=False)
         return not lost
@@ -518,7 +538,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         if slab is None or slab.locked:
             return True
         self._lock_slab(slab)
-        return self.entries_.get(entry.key) is entry
+        return bool(entry.linked)
 
     def _get_locked(self, key: Hashable, touch: bool = True) -> Any:
         """The bytes of key's entry, locking its slab if needed; MISSING if absent or purged."""
@@ -535,7 +555,7 @@ class DiscardableCache(CacheCore, MutableMapping):
     def _get_slow(self, key: Hashable) -> Any:
         """A read the compiled hit path leaves here: unlocked slabs, simulated memory, entries
         being replaced."""
-        with self.lock_:
+        with self.guard_:
             value = self._get_locked(key)
             if value is MISSING:
                 self.misses_ += 1
@@ -547,29 +567,54 @@ class DiscardableCache(CacheCore, MutableMapping):
     # ------------------------------------------------------------------ evictions
 
     def _report(self, keys: list, reason: str) -> None:
+        """Count evictions (size evictions are counted where they happen) and tell on_evict
+        of each; an exception it raises goes up once every eviction was told."""
         if not keys:
             return
-        with self.lock_:
-            self._evictions[reason] += len(keys)
-        if self.on_evict_ is not None:
-            for key in keys:
+        if reason != "size":
+            with self.guard_:
+                self._evictions[reason] += len(keys)
+        if self.on_evict_ is None:
+            return
+        failure = None
+        for key in keys:
+            try:
                 self.on_evict_(key, reason)
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def _flush_beside(self) -> None:
+        """_flush() while another exception goes up: on_evict's own failure goes to
+        sys.unraisablehook instead of replacing it."""
+        try:
+            self._flush()
+        except Exception:
+            sys.unraisablehook(idle._Unraisable(sys.exc_info(), self,
+                                                "Exception in on_evict, beside another"))
 
     def _flush(self) -> None:
-        """Report the purges found under the lock, now that it is released."""
+        """Report the evictions and purges found under the lock, now that it is released."""
         if not self.events_:
             return
-        with self.lock_:
+        with self.guard_:
             events, self.events_ = self.events_, []
+        failure = None
         for key, reason in events:
-            self._report([key], reason)
+            try:
+                self._report([key], reason)
+            except Exception as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     # ------------------------------------------------------------------ the end
 
     def close(self) -> None:
         """Free every entry's memory without reporting evictions (an entry being viewed is
         freed when its view ends); the cache stays usable, empty."""
-        with self.lock_:
+        with self.guard_:
             for entry in self._lru():
                 self._forget(entry)
                 # pin() calls end with the cache's entries (no key can be unpinned any more);
@@ -592,7 +637,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         """Unlock every unpinned entry and make the kernel discard them now; pages discarded."""
         from .memory import force_reclaim
 
-        with self.lock_:
+        with self.guard_:
             self._sweep(0.0)
             return sum(force_reclaim(slab.mem) for slab in list(self._slabs)
                        if not slab.locked)
@@ -601,7 +646,7 @@ class DiscardableCache(CacheCore, MutableMapping):
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """The numbers discache.metrics exports for this cache (its own slabs only)."""
-        with self.lock_:
+        with self.guard_:
             allocated = sum(slab.nbytes for slab in self._slabs)
             locked = sum(slab.nbytes for slab in self._locked_slabs)
             return {
@@ -618,7 +663,7 @@ class DiscardableCache(CacheCore, MutableMapping):
 
     def stats(self) -> dict[str, int]:
         """Hits, misses, purges, regenerations, evictions by reason, sizes, slabs and bytes."""
-        with self.lock_:
+        with self.guard_:
             entries = list(self.entries_.values())
             return {
                 "hits": self.hits_,
@@ -644,12 +689,14 @@ idle_clock = idle.clock
 def _close_slabs(slabs: set) -> None:
     """The finalizer of a cache dropped without close(): free its slabs' memory."""
     for slab in list(slabs):
+        if slab.pins:  # a live view holds it (and so the cache): not reached, but never freed
+            continue
         slab.forget_memory()
         try:
             slab.mem.close()
         except (BufferError, ValueError):
-            pass  # a view of it outlives the cache: freed with that view's memory object
-    slabs.clear()
+            pass
+        slabs.discard(slab)
 
 
 def _default_manager_if_any() -> Optional[DiscardableMemoryManager]:

@@ -12,6 +12,7 @@ import weakref
 from typing import Any, Optional
 
 clock = time.monotonic
+MAX_WAIT = 3600.0  # seconds one wait lasts at most (a far deadline is waited for in steps)
 
 
 class IdleTimer:
@@ -55,7 +56,7 @@ class IdleTimer:
                     wait = self._heap[0][0] - clock()
                     if wait <= 0:
                         break
-                    self._cond.wait(wait)
+                    self._cond.wait(min(wait, MAX_WAIT))
                 if self._stopping:
                     return
                 _, _, ref = heapq.heappop(self._heap)
@@ -108,9 +109,10 @@ class IdleTimer:
 class _Unraisable:
     """What sys.unraisablehook expects, for an exception raised by a cache's idle tick."""
 
-    def __init__(self, exc_info: Any, owner: Any) -> None:
+    def __init__(self, exc_info: Any, owner: Any,
+                 err_msg: str = "Exception in discache's idle timer, ticking") -> None:
         self.exc_type, self.exc_value, self.exc_traceback = exc_info
-        self.err_msg = "Exception in discache's idle timer, ticking"
+        self.err_msg = err_msg
         self.object = owner
 
 

@@ -1,17 +1,16 @@
 """DiscardableMemoryManager: a byte limit, segments of page spans, LRU purge, memory pressure."""
 from __future__ import annotations
 
-import os
 import threading
 import time
 import weakref
 from collections import Counter, OrderedDict
 from typing import Any, Callable, Optional
 
-from . import _core
-from .errors import BackendUnavailableError, PurgedError
+from . import _core, backends, forking, validate
+from .errors import PurgedError
 from .heap import Span, SpanHeap
-from .memory import CopyingAccessors
+from .memory import SpanMemory
 
 PAGE = _core.page_size()
 SEGMENT_BYTES = 4 << 20  # Chromium's client segment size
@@ -19,12 +18,9 @@ DEFAULT_LIMIT_CAP = 512 << 20  # Chromium's desktop limit
 MAX_RAM_FRACTION = 4  # the default limit never exceeds a quarter of physical RAM
 PURGE_AGE = 300.0  # seconds unlocked before the background purge takes it (Chromium: 5 min)
 PRESSURE_LEVELS = ("moderate", "critical")
-SEGMENT_BACKENDS = ("madvfree", "memfd", "simulated")
 
 
-def physical_ram() -> int:
-    """Bytes of physical memory."""
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+physical_ram = _core.physical_memory  # bytes of physical memory
 
 
 def default_limit() -> int:
@@ -32,126 +28,59 @@ def default_limit() -> int:
     return min(DEFAULT_LIMIT_CAP, physical_ram() // MAX_RAM_FRACTION)
 
 
-def _segment_factory(backend: str) -> tuple[str, Callable[[int], Any]]:
-    from . import backends
+class _Allocation:
+    """The manager's record of one live allocation: its span and its state.
 
-    if backend in ("madvfree-sigbus",):
-        raise ValueError("the manager packs allocations into shared segments, which SIGBUS mode "
-                         "does not support; use discache.allocate(n, sigbus=True) per allocation")
-    if backend == "simulated":
-        from .simbackend import SimSegment
+    Held by the manager and (as its ticket) by the SpanMemory; it never refers back to the
+    memory, so a memory dropped without close() is collected and its span freed
+    (see _drain_dropped)."""
 
-        return "simulated", SimSegment
-    chosen = backends.get(backend).name
-    if chosen not in SEGMENT_BACKENDS:
-        raise BackendUnavailableError(f"backend {chosen!r} cannot hold manager segments")
-    return chosen, lambda npages: _core.Segment(npages, chosen)
+    __slots__ = ("span", "segment", "locked", "purged", "closed", "last_unlocked", "buffer",
+                 "memory", "__weakref__")
 
-
-class ManagedMemory(CopyingAccessors):
-    """A page span of a manager's segment, with DiscardableMemory's lock/unlock/data."""
-
-    def __init__(self, manager: "DiscardableMemoryManager", span: Span, segment: Any,
-                 nbytes: int) -> None:
-        self._manager = manager
-        self._span = span
-        self._segment = segment
-        self.nbytes = nbytes
-        self.npages = span.npages
-        self.purged_pages = 0
-        self._locked = True
-        self._closed = False
-        self._purged = False  # discarded by the manager's policy while unlocked
-        self._buffer: Any = None  # SpanBuffer of a mapped segment: counts live views
+    def __init__(self, span: Span, segment: Any) -> None:
+        self.span = span
+        self.segment = segment
+        self.locked = True
+        self.purged = False  # discarded by the manager's policy while unlocked
+        self.closed = False
         self.last_unlocked = 0.0
+        self.buffer: Any = None  # the span's buffer handed out: counts live views
+        self.memory: Any = None  # weakref to the SpanMemory, whose callback releases the span
 
-    @property
-    def backend(self) -> str:
-        """The manager's backend."""
-        return self._manager.backend
 
-    @property
-    def is_locked(self) -> bool:
-        """True while locked."""
-        return self._locked and not self._closed
+ManagedMemory = SpanMemory  # what the manager hands out, by the name it had before issue 11
 
-    @property
-    def closed(self) -> bool:
-        """True once closed."""
-        return self._closed
 
-    @property
-    def offset(self) -> int:
-        """Byte offset of the memory in its segment."""
-        return self._span.first * PAGE
+_MANAGERS: "weakref.WeakSet[DiscardableMemoryManager]" = weakref.WeakSet()
+_forked_managers: list["DiscardableMemoryManager"] = []
 
-    @property
-    def address(self) -> Optional[int]:
-        """Address of the first byte (valid while open; read or write it only while locked), or
-        None for a backend without a mapping of its own (simulated)."""
-        if self._closed:
-            raise ValueError("discardable memory is closed")
-        base = getattr(self._segment, "address", None)
-        return None if base is None else base + self.offset
 
-    def _check_locked(self) -> None:
-        if self._closed:
-            raise ValueError("discardable memory is closed")
-        if not self._locked:
-            raise RuntimeError("discardable memory is unlocked: lock() it first")
+def _manager_locks() -> list[Any]:
+    _forked_managers[:] = sorted(_MANAGERS, key=id)
+    return [manager._lock_ for manager in _forked_managers]
 
-    def _new_view(self) -> memoryview:
-        if self._buffer is None:
-            self._buffer = self._segment.span_buffer(self.offset, self.nbytes)
-        with memoryview(self._buffer) as whole:
-            return whole[:self.nbytes]
 
-    def _release_views(self) -> None:
-        super()._release_views()
-        if self._buffer is not None:
-            if self._buffer.exports:
-                raise BufferError(f"{self._buffer.exports} view(s) of mem.data (slices, "
-                                  "arrays...) are still alive; release them first")
-            self._buffer = None  # a span's buffer is valid for one lock (simulated: a copy)
+def _managers_after_fork_in_child() -> None:
+    for manager in _forked_managers:
+        manager._after_fork_in_child()
+    _forked_managers.clear()
 
-    def lock(self) -> bool:
-        """Lock; True if intact, False if anything was purged (contents undefined: refill)."""
-        if self._closed:
-            raise ValueError("discardable memory is closed")
-        if self._locked:
-            raise RuntimeError("discardable memory is already locked (locks do not nest)")
-        return self._manager._lock(self)
 
-    def unlock(self) -> None:
-        """Unlock: the kernel or the manager may now discard the memory."""
-        if self._closed:
-            raise ValueError("discardable memory is closed")
-        if not self._locked:
-            raise RuntimeError("discardable memory is not locked")
-        self._release_views()
-        self._manager._unlock(self)
+forking.hold_across_fork(forking.MANAGERS, _manager_locks, _managers_after_fork_in_child)
 
-    def close(self) -> None:
-        """Give the span back to the manager; calling it again does nothing."""
-        if self._closed:
-            return
-        self._release_views()
-        self._manager._free(self)
 
-    def _force_reclaim(self) -> int:
-        """Make the kernel discard the pages now if unlocked; returns how many are gone."""
-        # Under the manager's lock: a lock() from another thread in the middle of the reclaim
-        # would have its pages freed again and paged out (the reclaim retries) while locked.
-        with self._manager._lock_:
-            if self._closed:
-                raise ValueError("discardable memory is closed")
-            if self._locked:
-                return 0
-            return self._segment.reclaim_span(self._span.first, self._span.npages)
+def _on_collected(manager_ref: "weakref.ref[DiscardableMemoryManager]",
+                  record: _Allocation) -> Callable[[Any], None]:
+    """The callback of record's memory weakref: queue the span for release."""
+    def dropped(_: Any) -> None:
+        manager = manager_ref()
+        if manager is not None:
+            # A garbage collection may run in the middle of a manager operation of this very
+            # thread: queue the span (list.append is atomic), release it at the next operation.
+            manager._dropped.append(record)
 
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else ("locked" if self._locked else "unlocked")
-        return f"<ManagedMemory nbytes={self.nbytes} {self.backend} {state}>"
+    return dropped
 
 
 class DiscardableMemoryManager:
@@ -167,15 +96,14 @@ class DiscardableMemoryManager:
         clock: Callable[[], float] = time.monotonic,
         record_latency: bool = True,
     ) -> None:
-        limit = default_limit() if limit is None else limit
-        if not isinstance(limit, int) or limit <= 0:
-            raise ValueError(f"limit must be a positive number of bytes, got {limit!r}")
-        if not isinstance(segment_bytes, int) or segment_bytes < PAGE:
+        limit = default_limit() if limit is None else validate.size(limit, "limit")
+        segment_bytes = validate.size(segment_bytes, "segment_bytes")
+        if segment_bytes < PAGE:
             raise ValueError(f"segment_bytes must be at least one page ({PAGE}), "
                              f"got {segment_bytes!r}")
-        if purge_age <= 0:
-            raise ValueError(f"purge_age must be positive, got {purge_age!r}")
-        self.backend, self._new_segment = _segment_factory(backend)
+        purge_age = validate.duration(purge_age, "purge_age")
+        kind = backends.segment_kind(backend)
+        self.backend, self._new_segment = kind.name, kind.segment
         self.limit = limit
         self.segment_pages = -(-segment_bytes // PAGE)
         self.purge_age = purge_age
@@ -184,8 +112,10 @@ class DiscardableMemoryManager:
         self._heap = SpanHeap()
         self._segments: dict[int, Any] = {}
         self._next_segment = 0
-        self._unlocked: OrderedDict[int, ManagedMemory] = OrderedDict()  # by unlock time
-        self._live: dict[int, ManagedMemory] = {}
+        self._unlocked: OrderedDict[_Allocation, None] = OrderedDict()  # by unlock time
+        self._live: set[_Allocation] = set()
+        self._dropped: list[_Allocation] = []  # memory collected without close()
+        self._self_ref = weakref.ref(self)
         self.bytes_allocated = 0  # live allocations, page-rounded
         self.bytes_locked = 0
         self.bytes_purged = 0  # live allocations whose pages are gone
@@ -201,50 +131,89 @@ class DiscardableMemoryManager:
             from .metrics import OPERATIONS, LatencyHistogram
 
             self.latency = {op: LatencyHistogram() for op in OPERATIONS}
+        _MANAGERS.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        """The forked child's manager: a fresh lock, no threads, segments of its own."""
+        self._lock_ = threading.RLock()
+        self._background = None
+        self._stop = threading.Event()
+        self._monitor = None
+        # Each segment re-owns its pages in the child itself (Segment registers its own fork
+        # hook); nothing here to hand out twice.
 
     # ------------------------------------------------------------------ allocation
 
     def allocate(self, nbytes: int) -> ManagedMemory:
         """New discardable memory of nbytes, returned locked; purges to stay under the limit."""
-        if not isinstance(nbytes, int) or isinstance(nbytes, bool):
-            raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}")
-        if nbytes <= 0:
-            raise ValueError(f"nbytes must be positive, got {nbytes}")
+        nbytes = validate.size(nbytes)
         npages = -(-nbytes // PAGE)
         if npages * PAGE > self.limit:
             raise MemoryError(f"{nbytes} bytes exceed the manager's limit of {self.limit} bytes")
         with self._lock_:
-            self._purge_to(self.limit - npages * PAGE)
+            self._drain_dropped()
             span = self._heap.allocate(npages)
             if span is None:
-                segment_id = self._next_segment
                 pages = max(npages, self.segment_pages)
-                self._segments[segment_id] = self._new_segment(pages)
+                try:
+                    segment = self._new_segment(pages)
+                except (OSError, MemoryError) as error:
+                    raise MemoryError(f"cannot map a segment of {pages * PAGE} bytes for "
+                                      f"{nbytes} bytes: {error}") from error
+                segment_id = self._next_segment
                 self._next_segment += 1
+                self._segments[segment_id] = segment
                 self._heap.add_segment(segment_id, pages)
                 span = self._heap.allocate(npages)
             segment = self._segments[span.segment]
-            segment.claim_span(span.first, span.npages)
-            mem = ManagedMemory(self, span, segment, nbytes)
-            self._live[id(mem)] = mem
+            try:
+                segment.claim_span(span.first, span.npages)
+            except BaseException:
+                self._give_back(span)
+                raise
+            record = _Allocation(span, segment)
+            mem = SpanMemory(self, segment, span.first, span.npages, nbytes, record)
+            record.memory = weakref.ref(mem, _on_collected(self._self_ref, record))
+            self._live.add(record)
             self.bytes_allocated += npages * PAGE
             self.bytes_locked += npages * PAGE
-            self.counters["allocations"] += 1
+            self.counters["allocations_made"] += 1
+            # Only once the allocation succeeded: a failed one purges nothing.
+            self._purge_to(self.limit)
             return mem
 
-    def _lock(self, mem: ManagedMemory) -> bool:
+    def _record(self, mem: Any) -> _Allocation:
+        """mem's record, if mem is an open allocation of this manager."""
+        if not isinstance(mem, SpanMemory) or mem.owner is not self or mem.ticket not in self._live:
+            if isinstance(mem, SpanMemory) and mem.closed:
+                raise ValueError("discardable memory is closed")
+            raise ValueError(f"{mem!r} is not memory of this manager")
+        return mem.ticket
+
+    # ------------------------------------------------------------------ SpanOwner: what a
+    # SpanMemory asks of the manager, always under the manager's lock (mutex)
+
+    @property
+    def mutex(self) -> Any:
+        """The manager's lock: every span's state changes under it."""
+        return self._lock_
+
+    def lock_span(self, mem: SpanMemory) -> int:
+        """Lock mem's span (mem checked it is unlocked); returns how many pages were lost."""
         started = time.perf_counter() if self.latency is not None else 0.0
         with self._lock_:
-            size = mem.npages * PAGE
-            self._unlocked.pop(id(mem), None)
-            lost = mem._segment.lock_span(mem._span.first, mem._span.npages)
-            if mem._purged:
-                lost, mem._purged = mem.npages, False
+            self._drain_dropped()
+            record = self._record(mem)
+            span = record.span
+            size = span.npages * PAGE
+            self._unlocked.pop(record, None)
+            lost = record.segment.lock_span(span.first, span.npages)
+            if record.purged:
+                lost, record.purged = span.npages, False
                 self.bytes_purged -= size
             elif lost:
                 self.counters["purged_bytes_kernel"] += lost * PAGE
-            mem._locked = True
-            mem.purged_pages = lost
+            record.locked = True
             self.bytes_locked += size
             self.counters["locks_purged" if lost else "locks_success"] += 1
             if lost:
@@ -252,67 +221,130 @@ class DiscardableMemoryManager:
                 self._purge_to(self.limit)
         if self.latency is not None:
             self.latency["lock"].observe(time.perf_counter() - started)
-        return lost == 0
+        return lost
 
-    def _unlock(self, mem: ManagedMemory) -> None:
+    def unlock_span(self, mem: SpanMemory) -> None:
+        """Unlock mem's span (mem checked it is locked and released its views)."""
         started = time.perf_counter() if self.latency is not None else 0.0
         with self._lock_:
-            mem._segment.unlock_span(mem._span.first, mem._span.npages)
-            mem._locked = False
-            mem.last_unlocked = self.clock()
-            self._unlocked[id(mem)] = mem
-            self.bytes_locked -= mem.npages * PAGE
+            self._drain_dropped()
+            record = self._record(mem)
+            span = record.span
+            record.segment.unlock_span(span.first, span.npages)
+            self._unlocked_now(record, self.clock())
             self.counters["unlocks"] += 1
             self._purge_to(self.limit)
         if self.latency is not None:
             self.latency["unlock"].observe(time.perf_counter() - started)
 
-    def unlock_many(self, mems: list[ManagedMemory]) -> int:
+    def _unlocked_now(self, record: _Allocation, now: float) -> None:
+        record.locked = False
+        record.last_unlocked = now
+        self._unlocked[record] = None
+        self.bytes_locked -= record.span.npages * PAGE
+
+    def unlock_many(self, mems: list[SpanMemory]) -> int:
         """Unlock several locked allocations, one madvise per run of adjacent spans; returns the
-        number of system calls made."""
+        number of system calls made.  Memory of another manager, closed or unlocked memory, or
+        the same memory twice is refused (ValueError / RuntimeError) with nothing changed."""
+        started = time.perf_counter() if self.latency is not None else 0.0
         with self._lock_:
-            by_segment: dict[int, list[ManagedMemory]] = {}
+            self._drain_dropped()
+            mems = list(mems)
+            if len({id(mem) for mem in mems}) != len(mems):
+                raise ValueError("unlock_many() got the same memory more than once")
+            by_segment: dict[int, list[tuple[SpanMemory, _Allocation]]] = {}
             for mem in mems:
-                if mem._closed or not mem._locked:
+                record = self._record(mem)
+                if not mem.is_locked:
                     raise RuntimeError(f"{mem!r} is not locked")
-                by_segment.setdefault(mem._span.segment, []).append(mem)
+                by_segment.setdefault(record.span.segment, []).append((mem, record))
             for group in by_segment.values():
-                for mem in group:
-                    mem._release_views()
+                for mem, _ in group:
+                    mem.prepare_unlock()
             calls = 0
             now = self.clock()
             for segment_id, group in by_segment.items():
                 calls += self._segments[segment_id].unlock_spans(
-                    [(m._span.first, m._span.npages) for m in group])
-                for mem in group:
-                    mem._locked = False
-                    mem.last_unlocked = now
-                    self._unlocked[id(mem)] = mem
-                    self.bytes_locked -= mem.npages * PAGE
+                    [(r.span.first, r.span.npages) for _, r in group])
+                for mem, record in group:
+                    mem.mark_unlocked()
+                    self._unlocked_now(record, now)
             self.counters["unlocks"] += len(mems)
             self._purge_to(self.limit)
-            return calls
+        if self.latency is not None and mems:
+            # One observation per call: the batch is one operation for the application.
+            self.latency["unlock"].observe(time.perf_counter() - started)
+        return calls
 
-    def _free(self, mem: ManagedMemory) -> None:
+    def close_span(self, mem: SpanMemory) -> None:
+        """Take mem's span back (mem released its views)."""
         with self._lock_:
-            size = mem.npages * PAGE
-            self._unlocked.pop(id(mem), None)
-            del self._live[id(mem)]
-            # Pages the application no longer wants: give them back now.
-            mem._segment.release_span(mem._span.first, mem._span.npages)
-            if mem._locked:
-                self.bytes_locked -= size
-            if mem._purged:
-                self.bytes_purged -= size
-            mem._closed = True
-            mem._locked = False
-            self.bytes_allocated -= size
-            self._heap.free(mem._span)
-            segment_id = mem._span.segment
-            if self._heap.used_pages(segment_id) == 0:
-                self._heap.remove_segment(segment_id)
-                self._segments.pop(segment_id).close()
-            mem._segment = None
+            self._free(self._record(mem))
+            self._drain_dropped()
+
+    def purge_span(self, mem: SpanMemory) -> int:
+        """Discard mem's unlocked span now (as a purge by the manager); returns its pages."""
+        with self._lock_:
+            record = self._record(mem)
+            if record.locked or record.purged:
+                return 0
+            self._unlocked.pop(record, None)
+            self._purge_one(record, "release")
+            return record.span.npages
+
+    def reclaim_span(self, mem: SpanMemory) -> int:
+        """Make the kernel reclaim mem's unlocked span now; returns the pages gone."""
+        with self._lock_:
+            record = self._record(mem)
+            return record.segment.reclaim_span(record.span.first, record.span.npages)
+
+    def span_buffer(self, mem: SpanMemory) -> Any:
+        """A buffer of mem's locked span (counted, so that a dropped mem's views keep the span)."""
+        with self._lock_:
+            record = self._record(mem)
+            record.buffer = record.segment.span_buffer(record.span.first * PAGE, mem.nbytes)
+            return record.buffer
+
+    def _drain_dropped(self) -> None:
+        """Release the spans of memory collected without close() (under the manager's lock)."""
+        if not self._dropped:
+            return
+        waiting = []
+        while self._dropped:  # pop(): a collection in another thread may append meanwhile
+            record = self._dropped.pop()
+            if record.closed:
+                continue
+            if record.buffer is not None and record.buffer.exports:
+                # A view of the span outlives its memory: the span is not free until it goes.
+                waiting.append(record)
+                continue
+            self._free(record)
+        self._dropped.extend(waiting)
+
+    def _free(self, record: _Allocation) -> None:
+        span = record.span
+        size = span.npages * PAGE
+        self._unlocked.pop(record, None)
+        self._live.discard(record)
+        record.buffer = None
+        # Pages the application no longer wants: give them back now.
+        record.segment.release_span(span.first, span.npages)
+        if record.locked:
+            self.bytes_locked -= size
+        if record.purged:
+            self.bytes_purged -= size
+        record.closed = True
+        record.locked = False
+        self.bytes_allocated -= size
+        self._give_back(span)
+
+    def _give_back(self, span: Span) -> None:
+        """Return a span to the heap, and its segment to the kernel once wholly free."""
+        self._heap.free(span)
+        if self._heap.used_pages(span.segment) == 0:
+            self._heap.remove_segment(span.segment)
+            self._segments.pop(span.segment).close()
 
     # ------------------------------------------------------------------ purging
 
@@ -326,10 +358,10 @@ class DiscardableMemoryManager:
         """Bytes of unlocked allocations not purged by the manager."""
         return self.bytes_resident - self.bytes_locked
 
-    def _purge_one(self, mem: ManagedMemory, reason: str) -> int:
-        mem._segment.discard_span(mem._span.first, mem._span.npages)
-        mem._purged = True
-        size = mem.npages * PAGE
+    def _purge_one(self, record: _Allocation, reason: str) -> int:
+        record.segment.discard_span(record.span.first, record.span.npages)
+        record.purged = True
+        size = record.span.npages * PAGE
         self.bytes_purged += size
         self.counters[f"purged_bytes_{reason}"] += size
         return size
@@ -338,22 +370,23 @@ class DiscardableMemoryManager:
         """Purge least recently unlocked memory until resident bytes are at most target."""
         freed = 0
         while self.bytes_resident > target and self._unlocked:
-            _, mem = self._unlocked.popitem(last=False)
-            freed += self._purge_one(mem, reason)
+            record, _ = self._unlocked.popitem(last=False)
+            freed += self._purge_one(record, reason)
         return freed
 
     def purge_older_than(self, age: Optional[float] = None) -> int:
         """Purge memory unlocked for longer than age seconds (default: purge_age); bytes freed."""
-        age = self.purge_age if age is None else age
+        age = self.purge_age if age is None else validate.duration(age, "age", zero=True)
         with self._lock_:
+            self._drain_dropped()
             cutoff = self.clock() - age
             freed = 0
             while self._unlocked:
-                mem = next(iter(self._unlocked.values()))
-                if mem.last_unlocked > cutoff:
+                record = next(iter(self._unlocked))
+                if record.last_unlocked > cutoff:
                     break
                 self._unlocked.popitem(last=False)
-                freed += self._purge_one(mem, "age")
+                freed += self._purge_one(record, "age")
             return freed
 
     def register_cache(self, cache: Any) -> None:
@@ -370,20 +403,21 @@ class DiscardableMemoryManager:
         for cache in list(self._caches.values()):
             cache.on_memory_pressure(level)
         with self._lock_:
+            self._drain_dropped()
             self.counters[f"pressure_{level}"] += 1
             return self._purge_to(self.limit // 2 if level == "moderate" else -1, "pressure")
 
     def release_free_memory(self) -> int:
         """Purge every unlocked allocation now (critical pressure); bytes freed."""
         with self._lock_:
+            self._drain_dropped()
             return self._purge_to(-1, "release")
 
     # ------------------------------------------------------------------ background work
 
     def start_background_purge(self, interval: float = 60.0) -> None:
         """Every interval seconds, purge memory unlocked for longer than purge_age (a daemon)."""
-        if interval <= 0:
-            raise ValueError(f"interval must be positive, got {interval!r}")
+        interval = validate.duration(interval, "interval")
         if self._background is not None:
             raise RuntimeError("the background purge already runs")
         self._stop.clear()
@@ -419,11 +453,14 @@ class DiscardableMemoryManager:
     @property
     def segment_count(self) -> int:
         """Segments mapped now."""
-        return len(self._segments)
+        with self._lock_:
+            self._drain_dropped()
+            return len(self._segments)
 
     def stats(self) -> dict[str, int]:
         """Bytes by state, segments, and event counters."""
         with self._lock_:
+            self._drain_dropped()
             return {
                 "limit_bytes": self.limit,
                 "allocated_bytes": self.bytes_allocated,
@@ -439,6 +476,7 @@ class DiscardableMemoryManager:
     def metrics_snapshot(self) -> dict[str, Any]:
         """The numbers discache.metrics exports (see its module docstring for the keys)."""
         with self._lock_:
+            self._drain_dropped()
             c = self.counters
             return {
                 "allocated_bytes": self.bytes_allocated,

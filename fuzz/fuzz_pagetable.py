@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Fuzz the compiled PageTable (both strategies, small token counters) against discache.model."""
+"""Fuzz the compiled PageTable (both strategies, small token counters) against tests/pagetable_model.py."""
 from __future__ import annotations
 
 from _harness import atheris, checked, is_int, main, pick_int, REJECTED
 
 with atheris.instrument_imports():
     from discache import PageTable
-    from discache.model import PageTableModel
+    from pagetable_model import PageTableModel
 
 SPAN_OPS = ("populate", "discard", "mark_volatile", "unmark")
 PAGE_OPS = ("purge", "state", "is_volatile")

@@ -4,8 +4,8 @@ import threading
 import pytest
 
 from discache import PageTable
-from discache._core import MAX_PAGES, MAX_TOKEN_BITS
-from discache.model import PageTableModel
+from discache.sim._sim import MAX_PAGES, MAX_TOKEN_BITS
+from pagetable_model import PageTableModel
 
 STRATEGIES = ["token", "walk"]
 

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from discache import PageTable
-from discache.model import PageTableModel
+from pagetable_model import PageTableModel
 
 NPAGES = 48
 spans = st.integers(0, NPAGES - 1).flatmap(

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from discache import PurgedPageError
-from discache._core import SWAPPED_BIT
+from discache.sim._sim import SWAPPED_BIT
 from discache.sim import (
     MADV_DONTNEED,
     MADV_FREE,

@@ -46,7 +46,7 @@ def resident(mem, first: int = 0, count: int = -1) -> int:
     """How many of mem's pages [first, first+count) mincore says are resident."""
     count = mem.npages - first if count < 0 else count
     if isinstance(mem, ManagedMemory):
-        return mem._segment.resident_pages(mem._span.first + first, count)
+        return mem.segment.resident_pages(mem.first + first, count)
     return mem._resident_pages(first, count)
 
 
@@ -217,14 +217,15 @@ def test_cache_entries_under_a_reclaim_storm():
         on_evict=lambda key, reason: evicted.update([(key, reason)]))
 
     def missing(key) -> int:
-        """Pages of the key's slab that mincore says are gone, while it is unlocked (a slab
-        locks as one: a page gone anywhere in it loses every entry on it)."""
+        """Pages holding the key's bytes that mincore says are gone, while its slab is unlocked
+        (pages of the slab never written stay out of memory without being lost)."""
         with cache.lock_:
             entry = cache.entries_.get(key)
             if entry is None or entry.slab is None or entry.slab.locked:
                 return 0
-            mem = entry.slab.mem
-            return mem.npages - mincore_resident(mem.address, mem.npages)
+            first, last = entry.offset // PAGE, (entry.offset + entry.size - 1) // PAGE
+            npages = last - first + 1
+            return npages - mincore_resident(entry.slab.mem.address + first * PAGE, npages)
 
     def work(owner: int) -> None:
         chance = random.Random(owner)

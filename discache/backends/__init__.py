@@ -1,10 +1,12 @@
-"""The memory backends: a registry of name -> (probe, allocate), and what this machine supports."""
+"""The memory backends: the one registry of name -> (probe, allocate, segment kind), and what this
+machine supports."""
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 from .. import _core
 from ..errors import BackendUnavailableError
+from ..memory import SoleSpan
 
 
 class BackendInfo(NamedTuple):
@@ -22,6 +24,9 @@ class Backend(NamedTuple):
     probe: Callable[[], tuple[bool, str]]
     allocate: Callable[[int], Any]
     summary: str
+    # npages -> a segment whose spans lock and unlock independently (what a manager packs
+    # allocations into); None: the backend has no segment kind.
+    segment: Optional[Callable[[int], Any]] = None
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -73,6 +78,17 @@ def get(name: str = "auto", *, sigbus: bool = False) -> Backend:
     return backend
 
 
+def segment_kind(name: str = "auto") -> Backend:
+    """The backend called name, if it has a segment kind (what DiscardableMemoryManager needs)."""
+    if name == "madvfree-sigbus":
+        raise ValueError("the manager packs allocations into shared segments, which SIGBUS mode "
+                         "does not support; use discache.allocate(n, sigbus=True) per allocation")
+    backend = get(name)
+    if backend.segment is None:
+        raise BackendUnavailableError(f"backend {backend.name!r} cannot hold manager segments")
+    return backend
+
+
 def _cached(probe: Callable[[], tuple[bool, str]]) -> Callable[[], tuple[bool, str]]:
     """Probe once per process: kernel features do not come and go."""
     result: list[tuple[bool, str]] = []
@@ -99,34 +115,37 @@ def _probe_madvfree_sigbus() -> tuple[bool, str]:
     return _probe_uffd() if madv_free[0] else madv_free
 
 
-def _allocate_memfd(nbytes: int) -> Any:
-    from ..memory import MemfdMemory
-
-    return MemfdMemory(nbytes)
+def _madvfree_segment(npages: int) -> Any:
+    return _core.Segment(npages, "madvfree")
 
 
-register(Backend("madvfree", _probe_madvfree, _core.MadvFreeMemory,
-                 "private memory; unlock = MADV_FREE, lock detects discarded pages by cookie CAS"))
-register(Backend("madvfree-sigbus", _probe_madvfree_sigbus,
-                 lambda nbytes: _core.MadvFreeMemory(nbytes, sigbus=True),
-                 "madvfree + userfaultfd: accessors raise PurgedPageError on discarded pages"))
-register(Backend("memfd", _cached(_core.probe_memfd), _allocate_memfd,
-                 "memfd shared memory; purged by policy (punch hole), not by the kernel"))
-register(Backend("ashmem", _core.probe_ashmem, _core.AshmemMemory,
-                 "Android's /dev/ashmem; unlock = UNPIN, lock = PIN (WAS_PURGED for the range)"))
+def _memfd_segment(npages: int) -> Any:
+    return _core.Segment(npages, "memfd")
+
+
+def _simulated_segment(npages: int) -> Any:
+    from ..sim.backend import SimSegment
+
+    return SimSegment(npages)
 
 
 def _probe_simulated() -> tuple[bool, str]:
-    from ..simbackend import probe
-
-    return probe()
+    return True, "the simulated kernel (discache.sim) runs on any machine"
 
 
-def _allocate_simulated(nbytes: int) -> Any:
-    from ..simbackend import SimulatedMemory
-
-    return SimulatedMemory(nbytes)
-
-
-register(Backend("simulated", _probe_simulated, _allocate_simulated,
-                 "discache.sim's simulated kernel: unlock = MADV_VOLATILE, lock = MADV_NONVOLATILE"))
+register(Backend("madvfree", _probe_madvfree, _core.MadvFreeMemory,
+                 "private memory; unlock = MADV_FREE, lock detects discarded pages by cookie CAS",
+                 _madvfree_segment))
+register(Backend("madvfree-sigbus", _probe_madvfree_sigbus,
+                 lambda nbytes: _core.MadvFreeMemory(nbytes, sigbus=True),
+                 "madvfree + userfaultfd: accessors raise PurgedPageError on discarded pages"))
+register(Backend("memfd", _cached(_core.probe_memfd),
+                 lambda nbytes: SoleSpan.allocate("memfd", _memfd_segment, nbytes),
+                 "memfd shared memory; purged by policy (punch hole), not by the kernel",
+                 _memfd_segment))
+register(Backend("ashmem", _core.probe_ashmem, _core.AshmemMemory,
+                 "Android's /dev/ashmem; unlock = UNPIN, lock = PIN (WAS_PURGED for the range)"))
+register(Backend("simulated", _probe_simulated,
+                 lambda nbytes: SoleSpan.allocate("simulated", _simulated_segment, nbytes),
+                 "discache.sim's simulated kernel: unlock = MADV_VOLATILE, lock = MADV_NONVOLATILE",
+                 _simulated_segment))

@@ -1,4 +1,5 @@
-"""discache.sim: a deterministic simulated kernel with v14 volatile ranges, on discache's core."""
+"""discache.sim: a deterministic simulated kernel with v14 volatile ranges, on its compiled core
+(discache.sim._sim); discache.sim.backend makes it the "simulated" segment kind."""
 from .kernel import (
     ADVICE_NAMES,
     MADV_DONTNEED,

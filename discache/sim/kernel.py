@@ -5,7 +5,7 @@ import errno
 from dataclasses import dataclass
 from typing import Literal
 
-from .._core import MAX_PAGES, STRATEGIES, Pager, SimCore
+from ._sim import MAX_PAGES, STRATEGIES, Pager, SimCore
 from ..errors import PurgedPageError
 from .intervals import IntervalSet
 

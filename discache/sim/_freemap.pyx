@@ -1,5 +1,5 @@
 # The free sets of discache.sim's frames and swap slots: a bit per number instead of a 4-byte
-# free-list link.  Included by _core.pyx; declared in _freemap.pxd.
+# free-list link.  Included by _sim.pyx; declared in _freemap.pxd.
 
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport calloc, free

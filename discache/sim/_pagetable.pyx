@@ -1,5 +1,5 @@
 # Page-granular bookkeeping of volatile ranges, with v14's O(N) unmark ("walk") and
-# generation tokens ("token", the default).  Included by _core.pyx; declared in _pagetable.pxd.
+# generation tokens ("token", the default).  Included by _sim.pyx; declared in _pagetable.pxd.
 #
 # A page entry is one uint32: PRESENT | LOST | token.  LOST+token is Minchan Kim's purge mark:
 # it means "discarded while volatile under the range marked with this token".  A mark whose token

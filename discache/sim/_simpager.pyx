@@ -1,5 +1,5 @@
 # One simulated address space or shared file: its page slots and its PageTable.
-# Included by _core.pyx; declared in _simpager.pxd.
+# Included by _sim.pyx; declared in _simpager.pxd.
 
 from libc.stdint cimport uint32_t
 from libc.stdlib cimport calloc, free

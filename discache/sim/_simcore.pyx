@@ -1,5 +1,5 @@
 # The physical side of discache.sim: frames, swap, page faults and CLOCK reclaim.
-# Included by _core.pyx; declared in _simcore.pxd.  Volatility itself lives in each Pager's
+# Included by _sim.pyx; declared in _simcore.pxd.  Volatility itself lives in each Pager's
 # PageTable; this file only asks it (_find, _lower, _state) and tells it (populate, discard, purge).
 #
 # Reclaim keeps no per-frame LRU and no reverse map.  Each access sets a frame's referenced bit;

@@ -1,20 +1,38 @@
-"""The "simulated" backend: discardable memory on discache.sim's simulated kernel, deterministic
-on any machine, behind the same API as the real backends."""
+"""The "simulated" segment kind: page spans of discache.sim's simulated kernel, deterministic on
+any machine, behind the same segment protocol as discache._core.Segment."""
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any, Optional
 
-from .memory import CopyingAccessors
-from .errors import PurgedError
-from .sim import MADV_DONTNEED, MADV_NONVOLATILE, MADV_VOLATILE, VA_BASE, SimulatedKernel
+from .. import forking, validate
+from ._sim import STATE_PURGED
+from .kernel import MADV_DONTNEED, MADV_NONVOLATILE, MADV_VOLATILE, VA_BASE, SimulatedKernel
 
 SIM_RAM_PAGES = 1 << 18  # 1 GiB of simulated RAM, allocated by the simulator as it is touched
-STATE_PURGED = 3  # discache._core.STATE_NAMES.index("purged")
 
 _kernel: Optional[SimulatedKernel] = None
 _process: Any = None
-_lock = threading.RLock()  # one simulated machine per Python process, driven by one thread at a time
+_lock = threading.RLock()  # one simulated machine per process, driven by one thread at a time
+# Segments collected without close(): (process, addr, nbytes), unmapped at the next operation
+_unmapped_later: list[tuple[Any, int, int]] = []
+
+
+def _reset_lock_in_child() -> None:
+    global _lock
+    _lock = threading.RLock()
+
+
+# No other thread is inside the simulated kernel when a child is forked.
+forking.hold_across_fork(forking.SIMULATED_KERNEL, lambda: [_lock], _reset_lock_in_child)
+
+
+def _unmap_collected() -> None:
+    """munmap the simulated memory of segments collected without close() (under _lock)."""
+    while _unmapped_later:
+        process, addr, nbytes = _unmapped_later.pop()
+        process.munmap(addr, nbytes)
 
 
 def simulated_kernel() -> SimulatedKernel:
@@ -27,11 +45,6 @@ def simulated_kernel() -> SimulatedKernel:
         return _kernel
 
 
-def probe() -> tuple[bool, str]:
-    """The simulated backend runs anywhere."""
-    return True, "the simulated kernel (discache.sim) runs on any machine"
-
-
 class SimSegment:
     """npages of simulated memory whose page spans lock and unlock independently, as
     discache._core.Segment; a locked span's bytes live in a buffer that unlock writes back."""
@@ -41,11 +54,11 @@ class SimSegment:
     def __init__(self, npages: int) -> None:
         kernel = simulated_kernel()
         self.page = kernel.page_size
-        if not isinstance(npages, int) or npages <= 0:
-            raise ValueError(f"a segment needs at least one page, got {npages!r}")
+        npages = validate.size(npages, "npages", SIM_RAM_PAGES)
         self.npages = npages
         self.nbytes = npages * self.page
         with _lock:
+            _unmap_collected()
             self.process = _process
             self.addr = self.process.mmap(self.nbytes)
         self.first_page = (self.addr - VA_BASE) // self.page
@@ -53,6 +66,10 @@ class SimSegment:
         self._spans: dict[int, int] = {}  # locked span first -> pages
         self._lost = [False] * npages  # discarded by discard_span since their last lock
         self.closed = False
+        # Collected without close(): a GC may run inside the simulated kernel, so the unmap waits
+        # for the next segment operation.
+        self._finalizer = weakref.finalize(self, _unmapped_later.append,
+                                           (self.process, self.addr, self.nbytes))
 
     def _check(self, first: int, count: int) -> None:
         if self.closed:
@@ -132,7 +149,7 @@ class SimSegment:
             return len(runs)
 
     def discard_span(self, first: int, count: int) -> None:
-        """A policy purge of an unlocked span: its pages are dropped and reported at the next lock."""
+        """Discard an unlocked span (a policy's purge): its pages are reported at the next lock."""
         self._check(first, count)
         with _lock:
             if first in self._spans:
@@ -154,12 +171,13 @@ class SimSegment:
 
     def read(self, offset: int, size: int) -> bytes:
         """Copy bytes out of a locked span."""
-        data, at = self._locate(offset, size)
-        return bytes(data[at:at + size])
+        with _lock:
+            data, at = self._locate(offset, size)
+            return bytes(data[at:at + size])
 
     def write(self, offset: int, data: Any) -> int:
         """Copy bytes into a locked span."""
-        with memoryview(data) as source:
+        with memoryview(data) as source, _lock:
             size = source.nbytes
             buf, at = self._locate(offset, size)
             buf[at:at + size] = source.cast("B")
@@ -167,12 +185,19 @@ class SimSegment:
 
     def span_buffer(self, offset: int, size: int) -> _SpanBytes:
         """The bytes of the locked span starting at offset (a buffer with `exports`)."""
-        buf, at = self._locate(offset, size)
+        with _lock:
+            buf, at = self._locate(offset, size)
         if at:
             raise ValueError("a span buffer starts where its span starts")
         return buf  # type: ignore[return-value]
 
+    def locked_bytes(self, first: int) -> bytearray:
+        """The bytes of the locked span that starts at page first."""
+        with _lock:
+            return self._locked[first]
+
     def _locate(self, offset: int, size: int) -> tuple[bytearray, int]:
+        """(bytes of the locked span holding [offset, offset+size), offset in them); under _lock."""
         page = offset // self.page
         for start, n in self._spans.items():
             if start <= page < start + n:
@@ -184,11 +209,13 @@ class SimSegment:
 
     def close(self) -> None:
         """Unmap the simulated memory; calling it again does nothing."""
-        if self.closed:
-            return
         with _lock:
+            if self.closed:
+                return
+            self._finalizer.detach()
             self.process.munmap(self.addr, self.nbytes)
-        self.closed = True
+            self.closed = True
+            _unmap_collected()
 
 
 class _SpanBytes(bytearray):
@@ -209,95 +236,4 @@ def _check_no_exports(data: bytearray) -> None:
         raise BufferError("a view of the memory is still alive; release it first")
 
 
-class SimulatedMemory(CopyingAccessors):
-    """DiscardableMemory in the simulated kernel: unlock = MADV_VOLATILE, lock = MADV_NONVOLATILE,
-    exact purge counts from the simulated page table."""
-
-    backend = "simulated"  # type: ignore[assignment]
-
-    def __init__(self, nbytes: int) -> None:
-        if not isinstance(nbytes, int) or isinstance(nbytes, bool):
-            raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}")
-        if nbytes <= 0:
-            raise ValueError(f"nbytes must be positive, got {nbytes}")
-        kernel = simulated_kernel()
-        self.nbytes = nbytes
-        self.npages = -(-nbytes // kernel.page_size)
-        if self.npages > SIM_RAM_PAGES:
-            raise ValueError(f"{nbytes} bytes exceed the {SIM_RAM_PAGES} pages of simulated RAM")
-        self._segment = SimSegment(self.npages)
-        self._segment.claim_span(0, self.npages)
-        self._locked = True
-        self.purged_pages = 0
-
-    @property
-    def is_locked(self) -> bool:
-        """True while locked."""
-        return self._locked and not self._segment.closed
-
-    @property
-    def closed(self) -> bool:
-        """True once closed."""
-        return self._segment.closed
-
-    def _check_locked(self) -> None:
-        if self._segment.closed:
-            raise ValueError("discardable memory is closed")
-        if not self._locked:
-            raise RuntimeError("discardable memory is unlocked: lock() it first")
-
-    def _new_view(self) -> memoryview:
-        return memoryview(self._segment._locked[0])[:self.nbytes]
-
-    def lock(self) -> bool:
-        """Lock; True if intact, False if anything was purged (contents undefined: refill)."""
-        if self._segment.closed:
-            raise ValueError("discardable memory is closed")
-        if self._locked:
-            raise RuntimeError("discardable memory is already locked (locks do not nest)")
-        self.purged_pages = self._segment.lock_span(0, self.npages)
-        self._locked = True
-        return self.purged_pages == 0
-
-    def unlock(self) -> None:
-        """Unlock: the simulated kernel may now purge the pages."""
-        if self._segment.closed:
-            raise ValueError("discardable memory is closed")
-        if not self._locked:
-            raise RuntimeError("discardable memory is not locked")
-        self._release_views()
-        self._segment.unlock_span(0, self.npages)
-        self._locked = False
-
-    def close(self) -> None:
-        """Free the memory; calling it again does nothing."""
-        if self._segment.closed:
-            return
-        self._release_views()
-        locked = self._segment._locked.get(0)
-        if locked is not None:  # a slice of mem.data still alive: refused, as unlock() does
-            _check_no_exports(locked)
-        self._segment.close()
-        self._locked = False
-
-    def _purge(self) -> int:
-        """A policy purge if unlocked; returns the pages dropped."""
-        if self._segment.closed:
-            raise ValueError("discardable memory is closed")
-        if self._locked:
-            return 0
-        self._segment.discard_span(0, self.npages)
-        return self.npages
-
-    def _force_reclaim(self) -> int:
-        """The simulated kernel reclaims its volatile pages now; returns this memory's pages gone."""
-        if self._segment.closed:
-            raise ValueError("discardable memory is closed")
-        return self._segment.reclaim_span(0, self.npages)
-
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else ("locked" if self._locked else "unlocked")
-        return f"<SimulatedMemory nbytes={self.nbytes} {state}>"
-
-
-__all__ = ["PurgedError", "SimSegment", "SimulatedMemory", "probe", "simulated_kernel"]
+__all__ = ["SimSegment", "simulated_kernel"]
