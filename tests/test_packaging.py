@@ -6,6 +6,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 try:
     import tomllib
@@ -33,12 +34,15 @@ def test_every_package_directory_is_listed():
 
 def install_like_a_wheel(target: pathlib.Path) -> pathlib.Path:
     """The files a wheel installs, laid out by setuptools' build_py (packages, package-dir,
-    package data from pyproject.toml) into target, with the compiled core built in place."""
+    package data from pyproject.toml) into target, with the compiled modules built in place."""
     build = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib",
                             str(target)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
-    core = pathlib.Path(discache._core.__file__)
-    shutil.copy2(core, target / "discache" / core.name)
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    built = sorted((ROOT / "discache").rglob(f"*{suffix}"))
+    assert pathlib.Path(discache._core.__file__) in built, "the compiled core is built in place"
+    for extension in built:  # every compiled module of this interpreter, where the wheel puts it
+        shutil.copy2(extension, target / extension.relative_to(ROOT))
     return target
 
 
