@@ -107,7 +107,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         self.too_large = 0  # values get_or_create and cached returned without storing
         # A cache dropped without close() gives its memory back (not at exit: the system does,
         # and a view may still be read by an exit handler).
-        self._finalizer = weakref.finalize(self, _close_slabs, self._slabs)
+        self._finalizer = weakref.finalize(self, _release_slabs, self._slabs)
         self._finalizer.atexit = False
         manager.register_cache(self)
         _CACHES[id(self)] = self
@@ -390,7 +390,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         if slab.pins:
             return
         if slab.doomed:
-            self._close_slab(slab)
+            self._release_slab(slab)
         elif slab.locked:
             self._schedule()
 
@@ -414,7 +414,7 @@ class DiscardableCache(CacheCore, MutableMapping):
             if slab.pins:
                 continue
             if slab.live == 0:
-                self._close_slab(slab)
+                self._release_slab(slab)
                 continue
             if slab.used:
                 slab.used = False
@@ -513,9 +513,9 @@ class DiscardableCache(CacheCore, MutableMapping):
         if slab.pins:
             return
         if slab.size_class < 0 or not slab.locked or slab.doomed:
-            self._close_slab(slab)
+            self._release_slab(slab)
 
-    def _close_slab(self, slab: Slab) -> None:
+    def _release_slab(self, slab: Slab) -> None:
         if slab.listed:
             self.partial_[slab.size_class].remove(slab)
             slab.listed = False
@@ -630,7 +630,7 @@ class DiscardableCache(CacheCore, MutableMapping):
                     self._locked_slabs.discard(slab)
                     self._slabs.discard(slab)
                 else:
-                    self._close_slab(slab)
+                    self._release_slab(slab)
             self.events_.clear()
 
     def _force_reclaim(self) -> int:
@@ -686,7 +686,7 @@ class DiscardableCache(CacheCore, MutableMapping):
 idle_clock = idle.clock
 
 
-def _close_slabs(slabs: set) -> None:
+def _release_slabs(slabs: set) -> None:
     """The finalizer of a cache dropped without close(): free its slabs' memory."""
     for slab in list(slabs):
         if slab.pins:  # a live view holds it (and so the cache): not reached, but never freed

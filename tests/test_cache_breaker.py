@@ -1020,13 +1020,14 @@ def test_pickle_and_copies_of_a_cache_with_purged_and_pinned_entries(backend):
 @pytest.mark.parametrize("limit", [PAGE, 2 * PAGE])
 def test_a_manager_smaller_than_a_slab_still_stores_exact_values(limit):
     """Held: a manager of one or two pages: values get slabs of their own, read back exactly;
-    a value above the limit raises MemoryError and changes nothing; close() frees all."""
+    a value above the limit is too large for this cache (ValueError, as above maxsize, so that
+    cached() returns it uncached) and changes nothing; close() frees all."""
     manager = DiscardableMemoryManager(limit, "madvfree")
     cache = DiscardableCache(1 << 20, manager=manager, idle_unlock=None)
     for i in range(20):
         cache[i] = pattern(i, 100)
     assert all(cache[i] == pattern(i, 100) for i in range(20))
-    with pytest.raises(MemoryError):
+    with pytest.raises(ValueError, match="too large"):
         cache["big"] = b"x" * (limit + 1)
     assert consistency_problems(cache) == [] and len(cache) == 20
     cache.close()
