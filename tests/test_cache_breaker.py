@@ -1,0 +1,316 @@
+"""DiscardableCache used carelessly, hostilely and from many threads at once (issue 10's redesign).
+
+Each test names the behaviour it expects; its docstring says what happened when it was written
+and what should happen.  Risky cases (crashes, deadlocks) run in a subprocess with a timeout."""
+import copy
+import gc
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from discache import PinnedError, force_reclaim
+from discache.cache import DiscardableCache, cached
+from discache.manager import PAGE, DiscardableMemoryManager
+
+REAL = ["madvfree", "memfd"]
+BACKENDS = REAL + ["simulated"]
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make(backend="madvfree", maxsize=1 << 20, **kwargs):
+    kwargs.setdefault("manager", DiscardableMemoryManager(64 << 20, backend))
+    kwargs.setdefault("idle_unlock", None)  # no timer unless a test asks for one
+    return DiscardableCache(maxsize, **kwargs)
+
+
+def pattern(key, size):
+    """Bytes that differ per key and per position, so a stale, zeroed or foreign value shows."""
+    seed = hash(key) & 0xFF
+    return bytes((seed + i * 7) & 0xFF for i in range(min(size, 251))) * (size // 251) + bytes(
+        (seed + i * 7) & 0xFF for i in range(size % 251))
+
+
+def consistency_problems(cache):
+    """What is wrong between the dict, the LRU list, currsize and the slabs' slot counts."""
+    problems = []
+    lru = cache._lru()
+    entries = dict(cache.entries_)
+    if len(lru) != len(entries) or any(entries.get(e.key) is not e for e in lru):
+        problems.append(f"LRU list has {len(lru)} entries, the dict {len(entries)}")
+    weights = sum(e.weight for e in entries.values())
+    if weights != cache.currsize:
+        problems.append(f"currsize {cache.currsize} != sum of weights {weights}")
+    live = sum(slab.live for slab in cache._slabs)
+    with_slab = sum(1 for e in entries.values() if e.slab is not None)
+    if live != with_slab:
+        problems.append(f"slabs hold {live} live slots for {with_slab} entries")
+    return problems
+
+
+def run_python(code, timeout=30):
+    """Run code in a fresh interpreter on this tree; (returncode, stdout+stderr)."""
+    env = dict(os.environ, PYTHONPATH=HERE)
+    try:
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=HERE, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        return "timeout", f"{exc.stdout or ''}{exc.stderr or ''}"
+    return done.returncode, done.stdout + done.stderr
+
+
+class HashFailsOnce:
+    """A key whose __hash__ raises on one chosen call (counted across all instances)."""
+
+    calls = 0
+    fail_at = None
+
+    def __init__(self, name):
+        self.name = name
+
+    def __hash__(self):
+        HashFailsOnce.calls += 1
+        if HashFailsOnce.calls == HashFailsOnce.fail_at:
+            raise RuntimeError("hash fails")
+        return hash(self.name)
+
+    def __eq__(self, other):
+        return isinstance(other, HashFailsOnce) and other.name == self.name
+
+
+class EqFailsOnce:
+    """Keys that all collide, whose __eq__ raises on one chosen call."""
+
+    calls = 0
+    fail_at = None
+
+    def __init__(self, name):
+        self.name = name
+
+    def __hash__(self):
+        return 7
+
+    def __eq__(self, other):
+        EqFailsOnce.calls += 1
+        if EqFailsOnce.calls == EqFailsOnce.fail_at:
+            raise RuntimeError("eq fails")
+        return isinstance(other, EqFailsOnce) and other.name == self.name
+
+    def __repr__(self):
+        return f"EqFailsOnce({self.name})"
+
+
+# ---------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("make_array", [
+    lambda: np.arange(100, dtype=np.int32)[::2],
+    lambda: np.asfortranarray(np.arange(12, dtype=np.int64).reshape(3, 4)),
+    lambda: np.arange(10, dtype=np.int16)[::-1],
+], ids=["strided", "fortran", "reversed"])
+def test_a_non_contiguous_numpy_array_is_stored_as_its_c_order_bytes(make_array):
+    """Now: numpy raises ValueError ("ndarray is not C-contiguous"), not BufferError, for a
+    PyBUF_SIMPLE request, so _store's copy fallback never runs and the set raises ValueError
+    (and discache.cached takes that ValueError for "too large": returned uncached, counted as
+    too_large).  Should: store the array's C-order bytes, weighing its nbytes, as the docs say."""
+    cache = make()
+    array = make_array()
+    cache["a"] = array
+    assert cache["a"] == array.tobytes()
+    assert cache.currsize == array.nbytes
+
+
+def test_getsizeof_sees_the_value_as_given_even_when_it_is_copied():
+    """Now (with the copy fallback of a non-contiguous value): getsizeof is handed the bytes
+    copy, or never called since the set fails first; a getsizeof written for the user's type
+    (lambda a: a.size * 2) breaks.  Should: getsizeof(value) gets the value the user passed,
+    as cachetools does."""
+    cache = make(getsizeof=lambda a: int(a.size) * 2)
+    array = np.arange(100, dtype=np.int32)[::2]
+    cache["a"] = array
+    assert cache.currsize == 100
+    assert cache["a"] == array.tobytes()
+
+
+def test_a_zero_dimensional_array_and_a_strided_memoryview_round_trip():
+    """Held: a 0-d array weighs its itemsize; a strided memoryview of a bytearray is copied."""
+    cache = make()
+    cache["zero-d"] = np.array(5, dtype=np.int64)
+    assert cache["zero-d"] == np.array(5, dtype=np.int64).tobytes()
+    assert cache.currsize == 8
+    cache["strided"] = memoryview(bytearray(b"0123456789"))[::2]
+    assert cache["strided"] == b"02468"
+    assert cache.currsize == 13
+
+
+def test_a_huge_maxsize_is_refused_with_valueerror_or_accepted():
+    """Now: maxsize=2**63 (or 2**64) raises OverflowError from the constructor, and a getsizeof
+    returning 2**70 raises OverflowError from the set (so discache.cached raises instead of
+    returning the value uncached).  Should: a maxsize beyond what C holds is accepted as
+    unbounded (cachetools takes any int) or refused with ValueError, as documented; a weight
+    beyond it is "too large" (ValueError)."""
+    manager = DiscardableMemoryManager(64 << 20, "madvfree")
+    try:
+        cache = DiscardableCache(2 ** 64, manager=manager, idle_unlock=None)
+    except ValueError:
+        pass
+    else:
+        cache["a"] = b"a"
+        assert cache["a"] == b"a"
+    cache = DiscardableCache(1 << 20, manager=manager, idle_unlock=None,
+                             getsizeof=lambda v: 2 ** 70)
+    with pytest.raises(ValueError):
+        cache["a"] = b"a"
+    assert len(cache) == 0
+
+
+# ---------------------------------------------------------------------- hostile keys
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 4])
+def test_a_key_whose_hash_raises_during_a_set_changes_nothing(fail_at):
+    """Now: __hash__ is called 3 times by a set of a new key; if the 2nd call raises, the slot
+    claimed for the value is never given back (a slab counts a live slot no entry owns); if the
+    3rd raises, the entry is in the LRU list but not in the dict, so a later eviction or clear()
+    raises KeyError.  Should: the set raises and the cache is exactly as before."""
+    cache = make(maxsize=300)
+    cache[HashFailsOnce("old")] = b"o" * 100
+    HashFailsOnce.calls, HashFailsOnce.fail_at = 0, fail_at
+    try:
+        try:
+            cache[HashFailsOnce("new")] = b"n" * 100
+        except RuntimeError:
+            assert HashFailsOnce("new") not in cache
+    finally:
+        HashFailsOnce.fail_at = None
+    assert consistency_problems(cache) == []
+    cache["x"] = b"x" * 150
+    cache["y"] = b"y" * 150  # evicts everything older
+    cache.clear()
+    assert len(cache) == 0 and cache.currsize == 0
+
+
+@pytest.mark.parametrize("operation", ["set_new", "set_with_eviction", "replace_other_class",
+                                       "delete", "pop", "popitem"])
+@pytest.mark.parametrize("fail_at", range(1, 8))
+def test_a_key_whose_eq_raises_leaves_the_cache_consistent(operation, fail_at):
+    """Now: with colliding keys whose __eq__ raises on its Nth call, a set can leave a claimed
+    slot owned by no entry, or an entry in the LRU list but not the dict (clear() then raises
+    KeyError); del/pop/popitem can unlink an entry from the LRU list and leave it in the dict
+    (never evicted again, still counted in currsize).  Should: the operation raises and changes
+    nothing, or completes; dict, LRU list, currsize and slabs always agree."""
+    cache = make(maxsize=300 if operation == "set_with_eviction" else 1 << 20)
+    keys = [EqFailsOnce(i) for i in range(3)]
+    EqFailsOnce.fail_at = None
+    for key in keys:
+        cache[key] = bytes([key.name]) * 100
+    cache.get(keys[0])  # keys[1] is the least recently used
+    actions = {
+        "set_new": lambda: cache.__setitem__(EqFailsOnce(8), b"n" * 10),
+        "set_with_eviction": lambda: cache.__setitem__(EqFailsOnce(9), b"n" * 100),
+        "replace_other_class": lambda: cache.__setitem__(keys[1], b"r" * 5000),
+        "delete": lambda: cache.__delitem__(keys[1]),
+        "pop": lambda: cache.pop(keys[1]),
+        "popitem": cache.popitem,
+    }
+    EqFailsOnce.calls, EqFailsOnce.fail_at = 0, fail_at
+    try:
+        actions[operation]()
+    except RuntimeError:
+        pass
+    finally:
+        EqFailsOnce.fail_at = None
+    assert consistency_problems(cache) == []
+    for key, got in cache.items():
+        assert got in (bytes([key.name]) * 100, b"n" * 10, b"n" * 100, b"r" * 5000)
+    cache.clear()
+    assert len(cache) == 0 and cache.currsize == 0
+
+
+# ---------------------------------------------------------------------- hostile callbacks
+
+
+def test_on_evict_raising_inside_view_does_not_leave_the_entry_pinned():
+    """Now: view() pins the entry, then reports pending purges; when on_evict raises there,
+    the exception leaves view() before the memoryview exists, and the pin is never released:
+    the entry can never be deleted, replaced, unlocked or purged again.  Should: the pin is
+    undone (or the report happens before pinning)."""
+    def on_evict(key, reason):
+        raise RuntimeError("on_evict fails")
+
+    cache = make(on_evict=on_evict)
+    cache["lost"] = b"l" * 40000  # a slab of its own
+    cache["kept"] = b"k" * 100
+    cache.pin("kept")
+    force_reclaim(cache)
+    cache.unpin("kept")
+    with pytest.raises(KeyError):
+        with cache.view("lost"):
+            pass
+    try:
+        with cache.view("kept"):
+            pass
+    except RuntimeError:
+        pass
+    assert cache.stats()["pinned_entries"] == 0
+    cache.on_evict_ = None
+    del cache["kept"]
+
+
+def test_on_evict_raising_still_reports_every_other_eviction():
+    """Now: when on_evict raises for one key, the other keys evicted or found purged by the
+    same call are never reported (a set evicting 3 entries reports 1; a purged slab of 5
+    entries reports 1) -- a silent loss.  Should: every eviction reaches on_evict; the
+    exception may surface afterwards."""
+    reported = []
+
+    def on_evict(key, reason):
+        reported.append((key, reason))
+        raise RuntimeError("on_evict fails")
+
+    cache = make(maxsize=300, on_evict=on_evict)
+    for i in range(3):
+        cache[i] = b"x" * 100
+    with pytest.raises(RuntimeError):
+        cache["big"] = b"y" * 300
+    assert sorted(reported) == [(0, "size"), (1, "size"), (2, "size")]
+
+    reported.clear()
+    cache = make(on_evict=on_evict)
+    for i in range(5):
+        cache[i] = b"z" * 100  # one slab
+    force_reclaim(cache)
+    try:
+        cache.get(0)
+    except RuntimeError:
+        pass
+    try:
+        list(cache)
+    except RuntimeError:
+        pass
+    assert sorted(reported) == [(i, "purged") for i in range(5)]
+
+
+def test_a_purge_found_by_view_or_pin_is_reported_before_keyerror():
+    """Now: view() and pin() of a purged key raise KeyError without reporting the purge; the
+    report waits in events_ for some later call.  Should: on_evict(key, "purged") has run by
+    the time KeyError reaches the caller, as get() does."""
+    reported = []
+    cache = make(on_evict=lambda key, reason: reported.append((key, reason)))
+    cache["a"] = b"a" * 40000
+    cache["b"] = b"b" * 40000
+    force_reclaim(cache)
+    with pytest.raises(KeyError):
+        with cache.view("a"):
+            pass
+    assert reported == [("a", "purged")]
+    with pytest.raises(KeyError):
+        cache.pin("b")
+    assert reported == [("a", "purged"), ("b", "purged")]
