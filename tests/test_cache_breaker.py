@@ -314,3 +314,99 @@ def test_a_purge_found_by_view_or_pin_is_reported_before_keyerror():
     with pytest.raises(KeyError):
         cache.pin("b")
     assert reported == [("a", "purged"), ("b", "purged")]
+
+
+def test_cached_and_get_or_create_return_a_value_larger_than_the_manager_uncached():
+    """Now: with maxsize above the manager's limit, a value between the two passes the maxsize
+    check and the manager's allocate raises MemoryError, out of the decorated function and out
+    of get_or_create.  Should: such a value is too large for this cache: returned uncached
+    (counted in too_large), as for a value above maxsize."""
+    manager = DiscardableMemoryManager(16 * PAGE, "madvfree")
+    cache = DiscardableCache(1 << 30, manager=manager, idle_unlock=None)
+    big = b"b" * (32 * PAGE)
+
+    @cached(cache)
+    def produce(n):
+        return big
+
+    assert produce(1) == big
+    assert cache.get_or_create("k", lambda: big) == big
+    assert len(cache) == 0 and cache.stats()["too_large"] == 2
+
+
+# ---------------------------------------------------------------------- the end of a process
+
+
+@pytest.mark.parametrize("backend", REAL)
+def test_a_view_alive_at_exit_stays_readable_until_the_interpreter_is_gone(backend):
+    """Now: the cache's weakref.finalize runs at exit (atexit=True) and closes every slab,
+    pinned ones included; a view still held -- read by an atexit handler registered before
+    discache was imported, or by a daemon thread -- then reads unmapped memory: the interpreter
+    dies with SIGSEGV (rc -11).  Should: a slab pinned by a live view is never freed under it."""
+    code = f"""
+        import atexit
+        state = {{}}
+        def read_view_at_exit():
+            mv = state["mv"]
+            assert bytes(mv[:4]) == b"kkkk" and mv[-1] == ord("k")
+            print("read at exit", flush=True)
+        atexit.register(read_view_at_exit)
+        from discache.cache import DiscardableCache
+        from discache.manager import DiscardableMemoryManager
+        manager = DiscardableMemoryManager(64 << 20, {backend!r})
+        cache = DiscardableCache(8 << 20, manager=manager, idle_unlock=None)
+        cache["k"] = b"k" * (1 << 20)
+        state["context"] = cache.view("k")
+        state["mv"] = state["context"].__enter__()
+    """
+    returncode, output = run_python(code)
+    assert (returncode, "read at exit" in output) == (0, True), output
+
+
+@pytest.mark.parametrize("backend", REAL)
+def test_fork_while_another_thread_holds_the_managers_lock_leaves_the_child_usable(backend):
+    """Now: only the caches' locks (and the timer's) are held across fork; the manager's RLock
+    is not.  A thread purging for memory pressure, or allocating from the shared manager, holds
+    it at the fork in most children (37 of 40 with an allocating thread): the child's first
+    cache set that needs a new slab waits for it forever.  Should: the manager's lock is taken
+    before fork and reset in the child, as issue 10 asks ("fork resets the cache's and
+    manager's locks in the child")."""
+    code = f"""
+        import os, signal, threading
+        from discache.cache import DiscardableCache
+        from discache.manager import PAGE, DiscardableMemoryManager
+        manager = DiscardableMemoryManager(64 << 20, {backend!r})
+        cache = DiscardableCache(1 << 20, manager=manager, idle_unlock=0.001)
+        for i in range(20):
+            cache[i] = bytes([i]) * 3000
+        stop = threading.Event()
+        def allocate_from_the_manager():
+            while not stop.is_set():
+                manager.allocate(PAGE).close()
+        def pressure():
+            while not stop.is_set():
+                manager.on_memory_pressure("critical")
+        threads = [threading.Thread(target=allocate_from_the_manager),
+                   threading.Thread(target=pressure)]
+        for thread in threads:
+            thread.start()
+        hung = 0
+        for _ in range(20):
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(2)
+                cache["child"] = b"c" * 40000  # a slab of its own: the manager allocates
+                os._exit(0 if cache["child"] == b"c" * 40000 else 1)
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+            if code == -signal.SIGALRM:
+                hung += 1
+                break
+            assert code == 0, code
+        stop.set()
+        for thread in threads:
+            thread.join()
+        print("hung", hung)
+    """
+    returncode, output = run_python(code)
+    assert (returncode, "hung 0" in output) == (0, True), output
