@@ -410,3 +410,145 @@ def test_fork_while_another_thread_holds_the_managers_lock_leaves_the_child_usab
     """
     returncode, output = run_python(code)
     assert (returncode, "hung 0" in output) == (0, True), output
+
+
+# ---------------------------------------------------------------------- careless keys
+
+
+class MutableKey:
+    """A key whose hash follows a field the program may change after storing it."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self):
+        return hash(self.value)
+
+    def __eq__(self, other):
+        return isinstance(other, MutableKey) and other.value == self.value
+
+    def __repr__(self):
+        return f"MutableKey({self.value})"
+
+
+def test_popitem_never_spins_forever_on_a_key_mutated_after_it_was_stored():
+    """Now: the LRU entry's key no longer finds itself in the dict, so popitem() loops forever
+    (it releases and retakes the lock each turn: the process hangs, 100% CPU).  A dict returns
+    the entry; cachetools raises KeyError.  Should: popitem() returns (or raises) promptly."""
+    code = """
+        from discache.cache import DiscardableCache
+        from discache.manager import DiscardableMemoryManager
+        class MutableKey:
+            def __init__(self, value):
+                self.value = value
+            def __hash__(self):
+                return hash(self.value)
+            def __eq__(self, other):
+                return isinstance(other, MutableKey) and other.value == self.value
+        cache = DiscardableCache(1 << 20, manager=DiscardableMemoryManager(1 << 24, "madvfree"),
+                                 idle_unlock=None)
+        key = MutableKey(1)
+        cache[key] = b"a" * 100
+        cache["b"] = b"b" * 100
+        key.value = 2
+        try:
+            cache.popitem()
+        except KeyError:
+            pass
+        print("popitem returned")
+    """
+    returncode, output = run_python(code, timeout=10)
+    assert (returncode, "popitem returned" in output) == (0, True), output
+
+
+def test_a_key_mutated_after_it_was_stored_does_not_break_other_keys():
+    """Now: once the mutated key is the least recently used, a set that must evict raises
+    KeyError (after storing its value) and leaves the mutated entry unlinked from the LRU list
+    but in the dict, counted in currsize for ever; clear() then keeps it.  Should: sets of
+    other keys keep working and dict, LRU list and currsize agree (evicting the lost entry,
+    like dict.popitem can)."""
+    cache = make(maxsize=300)
+    key = MutableKey(1)
+    cache[key] = b"a" * 100
+    cache["b"] = b"b" * 100
+    key.value = 2
+    cache["c"] = b"c" * 200  # must evict the mutated entry (or "b" too)
+    assert cache["c"] == b"c" * 200
+    assert consistency_problems(cache) == []
+    cache.clear()
+    assert cache.currsize == 0
+
+
+# ---------------------------------------------------------------------- the garbage collector
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_finalizer_using_the_cache_during_a_cache_call_breaks_nothing(backend):
+    """Now: a weakref.finalize(handle, cache.pop, key) -- "drop the cached bytes when the object
+    dies" -- run by the garbage collector in the middle of a cache call of the same thread
+    re-enters the cache's RLock and changes slabs under the outer call: sets, gets, sweeps and
+    iteration raise StopIteration, RuntimeError ("discardable memory is already locked",
+    "... closed> is not locked", "dictionary changed size during iteration"), ValueError
+    ("discardable memory is closed") or OSError (madvise ENOMEM on memory already given back),
+    and the finalizers' own pops fail the same way.  Should: only KeyError/PinnedError where
+    documented; every value returned intact; the cache consistent; memory back to 0 at close.
+    (The GC threshold is lowered to make the collections fall inside cache calls often.)"""
+    import random
+    import weakref
+
+    rng = random.Random(2)
+    cache = make(backend, maxsize=200_000)
+    manager = cache.manager
+
+    class Handle:
+        """Owns a cached thumbnail, dropped with it; in a cycle, so the collector frees it."""
+
+        def __init__(self, key):
+            self.me = self
+            cache[key] = pattern(key, 100 + key * 50)
+            weakref.finalize(self, cache.pop, key, None)
+
+    errors = []
+    unraisable = []
+    old_hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    old_threshold = gc.get_threshold()
+    gc.set_threshold(50)
+    try:
+        for _ in range(3000):
+            try:
+                Handle(rng.randrange(1000, 1100))
+                key = rng.randrange(60)
+                size = rng.choice([10, 100, 3000, 5000, 40000])
+                action = rng.random()
+                if action < 0.4:
+                    cache[key] = pattern(key, size)
+                elif action < 0.6:
+                    got = cache.get(key)
+                    if got is not None and got != pattern(key, len(got)):
+                        errors.append(f"wrong bytes for {key}")
+                elif action < 0.7:
+                    cache.pop(key, None)
+                elif action < 0.75:
+                    list(cache.items())
+                elif action < 0.8:
+                    cache.sweep(0)
+                elif action < 0.82:
+                    force_reclaim(cache)
+                else:
+                    with cache.view(key):
+                        pass
+            except (KeyError, PinnedError):
+                pass
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        gc.set_threshold(*old_threshold)
+        gc.collect()
+        sys.unraisablehook = old_hook
+    failed_finalizers = sorted({f"{type(u.exc_value).__name__}: {u.exc_value}"
+                                for u in unraisable})
+    assert (sorted(set(errors)), failed_finalizers) == ([], [])
+    assert consistency_problems(cache) == []
+    cache.close()
+    gc.collect()
+    assert manager.stats()["allocated_bytes"] == 0
