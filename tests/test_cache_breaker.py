@@ -552,3 +552,212 @@ def test_a_finalizer_using_the_cache_during_a_cache_call_breaks_nothing(backend)
     cache.close()
     gc.collect()
     assert manager.stats()["allocated_bytes"] == 0
+
+
+# ---------------------------------------------------------------------- held: threads
+
+
+STRESS_SIZES = [0, 1, 16, 100, 1000, 4095, 4096, 4097, 32768, 32769, 70000]
+
+
+def versioned(key, version):
+    """A value naming its key and version in every 8 bytes, its size set by the version."""
+    size = STRESS_SIZES[version % len(STRESS_SIZES)]
+    unit = key.to_bytes(4, "little") + version.to_bytes(4, "little")
+    return (unit * (size // 8 + 1))[:size]
+
+
+def versioned_problem(key, got):
+    """None if got is exactly some version of key's value (or missing), else what is wrong."""
+    if got is None:
+        return None
+    got = bytes(got)
+    if len(got) < 8:
+        return None if len(got) in (0, 1) else f"{key}: {len(got)} bytes"
+    owner = int.from_bytes(got[:4], "little")
+    version = int.from_bytes(got[4:8], "little")
+    if owner != key or got != versioned(key, version):
+        return f"{key}: got {len(got)} bytes of key {owner} version {version}, torn or foreign"
+    return None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_key_set_stored_deleted_iterated_pinned_and_viewed_by_many_threads(backend):
+    """Held: 2 setters, 2 readers, a deleter, an iterator (items, popitem), 2 viewers (view,
+    pin/unpin) on 8 keys crossing every size class and slab kind, with idle_unlock=0, while
+    another thread calls critical and moderate pressure and force_reclaim: every value read is
+    exactly one that was stored for its key, no view changes under its reader, the cache ends
+    consistent with no pin left, and the manager gets every byte back at close()."""
+    import random
+
+    manager = DiscardableMemoryManager(16 << 20, backend)
+    cache = DiscardableCache(400_000, manager=manager, idle_unlock=0, verify=True)
+    stop = threading.Event()
+    errors = []
+
+    def guarded(work):
+        def run(seed):
+            rng = random.Random(seed)
+            while not stop.is_set():
+                try:
+                    work(rng, seed)
+                except (KeyError, PinnedError):
+                    pass
+                except Exception as exc:  # anything else is a failure
+                    errors.append(f"{work.__name__}: {type(exc).__name__}: {exc}")
+        return run
+
+    def note(key, got):
+        problem = versioned_problem(key, got)
+        if problem:
+            errors.append(problem)
+
+    def setter(rng, seed):
+        key = rng.randrange(8)
+        cache[key] = versioned(key, rng.randrange(1 << 30))
+
+    def reader(rng, seed):
+        key = rng.randrange(8)
+        note(key, cache.get(key))
+        note(key, cache[key])
+
+    def deleter(rng, seed):
+        key = rng.randrange(8)
+        if rng.random() < 0.5:
+            del cache[key]
+        else:
+            note(key, cache.pop(key, None))
+        time.sleep(0.0005)
+
+    def iterator(rng, seed):
+        for key, got in cache.items():
+            note(key, got)
+        if rng.random() < 0.1:
+            note(*cache.popitem())
+
+    def viewer(rng, seed):
+        key = rng.randrange(8)
+        with cache.view(key) as mv:
+            first = bytes(mv)
+            time.sleep(0.0002)
+            if bytes(mv) != first:
+                errors.append(f"{key}: a view changed under its reader")
+        note(key, first)
+        cache.pin(key)
+        try:
+            note(key, cache.get(key))
+        finally:
+            cache.unpin(key)
+
+    def pressure(rng, seed):
+        manager.on_memory_pressure("critical")
+        force_reclaim(cache)
+        manager.on_memory_pressure("moderate")
+        time.sleep(0.001)
+
+    workers = [setter, setter, reader, reader, deleter, iterator, viewer, viewer, pressure]
+    threads = [threading.Thread(target=guarded(w), args=(i,)) for i, w in enumerate(workers)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)
+    stop.set()
+    for thread in threads:
+        thread.join(10)
+    assert not any(thread.is_alive() for thread in threads)
+    assert sorted(set(errors)) == []
+    assert consistency_problems(cache) == []
+    assert cache.stats()["pinned_entries"] == 0
+    assert cache.stats()["hits"] > 100
+    for key, got in cache.items():
+        note(key, got)
+    assert errors == []
+    cache.close()
+    gc.collect()
+    assert manager.stats()["allocated_bytes"] == 0
+
+
+def test_many_caches_on_one_small_manager_under_pressure_and_close_from_threads():
+    """Held: 12 caches with random idle_unlock on one 8 MiB manager, 16 threads setting, reading,
+    viewing and sometimes closing them, one thread calling critical then moderate pressure in a
+    loop: every value read is the one stored, every cache consistent, 0 bytes left at the end."""
+    import random
+
+    manager = DiscardableMemoryManager(8 << 20, "madvfree")
+    caches = [DiscardableCache(1 << 20, manager=manager,
+                               idle_unlock=random.choice([0, 0.001, 0.01, None]))
+              for _ in range(12)]
+    stop = threading.Event()
+    errors = []
+
+    def user(i):
+        rng = random.Random(i)
+        cache = caches[i % len(caches)]
+        while not stop.is_set():
+            key = rng.randrange(40)
+            try:
+                cache[key] = versioned(key, rng.randrange(1 << 30))
+                other = rng.randrange(40)
+                problem = versioned_problem(other, cache.get(other))
+                if problem:
+                    errors.append(problem)
+                if rng.random() < 0.01:
+                    cache.close()
+                if rng.random() < 0.05:
+                    with cache.view(rng.randrange(40)) as mv:
+                        bytes(mv)
+            except (KeyError, PinnedError):
+                pass
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    def pressure():
+        while not stop.is_set():
+            manager.on_memory_pressure("critical")
+            manager.on_memory_pressure("moderate")
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(16)]
+    threads.append(threading.Thread(target=pressure))
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)
+    stop.set()
+    for thread in threads:
+        thread.join(10)
+    assert errors == []
+    assert [consistency_problems(cache) for cache in caches] == [[]] * len(caches)
+    for cache in caches:
+        cache.close()
+    gc.collect()
+    assert manager.stats()["allocated_bytes"] == 0
+
+
+def test_a_bytearray_resized_by_another_thread_during_sets_is_stored_whole():
+    """Held: a thread growing and shrinking a bytearray while another stores it: the resize
+    fails with BufferError while the set holds its buffer, and each stored value is one whole
+    state of the bytearray (a run of one byte)."""
+    cache = make()
+    data = bytearray(b"a" * 5000)
+    stop = threading.Event()
+    resize_errors = []
+
+    def mutate():
+        letter = 0
+        while not stop.is_set():
+            letter = (letter + 1) % 26
+            try:
+                data[:] = bytes([97 + letter]) * (3000 + letter * 100)
+            except BufferError:
+                resize_errors.append(1)
+
+    thread = threading.Thread(target=mutate)
+    thread.start()
+    try:
+        for i in range(3000):
+            cache[i % 10] = data
+            got = cache[i % 10]
+            assert got == got[:1] * len(got)
+    finally:
+        stop.set()
+        thread.join()
+    assert consistency_problems(cache) == []
