@@ -512,9 +512,9 @@ def test_a_finalizer_using_the_cache_during_a_cache_call_breaks_nothing(backend)
     unraisable = []
     old_hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
     old_threshold = gc.get_threshold()
-    gc.set_threshold(50)
+    gc.set_threshold(20)
     try:
-        for _ in range(3000):
+        for _ in range(4000):
             try:
                 Handle(rng.randrange(1000, 1100))
                 key = rng.randrange(60)
@@ -761,3 +761,273 @@ def test_a_bytearray_resized_by_another_thread_during_sets_is_stored_whole():
         stop.set()
         thread.join()
     assert consistency_problems(cache) == []
+
+
+# ---------------------------------------------------------------------- held: re-entrancy
+
+
+class Meddler:
+    """Colliding keys whose first __eq__ after `action` is set runs it (once)."""
+
+    action = None
+
+    def __init__(self, name):
+        self.name = name
+
+    def __hash__(self):
+        return 3
+
+    def __eq__(self, other):
+        action, Meddler.action = Meddler.action, None
+        if action is not None:
+            action()
+        return isinstance(other, Meddler) and other.name == self.name
+
+    def __repr__(self):
+        return f"Meddler({self.name})"
+
+
+@pytest.mark.parametrize("meddling", ["set_other", "set_evicting_all", "delete_same",
+                                      "delete_other", "clear", "close", "sweep_and_reclaim"])
+@pytest.mark.parametrize("operation", ["set_new", "overwrite", "delete", "pop", "get", "view"])
+def test_a_key_whose_eq_uses_the_same_cache_keeps_it_consistent(operation, meddling):
+    """Held: a key's __eq__, run by the dict lookup inside a set/delete/pop/get/view, sets,
+    deletes, clears, closes or sweeps the same cache: the operation completes or raises
+    KeyError, and the cache stays consistent with exact values."""
+    cache = make(maxsize=450)
+    keys = [Meddler(i) for i in range(4)]
+    for key in keys:
+        cache[key] = bytes([key.name]) * 100
+    cache.get(keys[0])
+    meddlings = {
+        "set_other": lambda: cache.__setitem__("other", b"o" * 100),
+        "set_evicting_all": lambda: cache.__setitem__("other", b"o" * 400),
+        "delete_same": lambda: cache.__delitem__(keys[1]),
+        "delete_other": lambda: cache.__delitem__(keys[2]),
+        "clear": cache.clear,
+        "close": cache.close,
+        "sweep_and_reclaim": lambda: (cache.sweep(0), force_reclaim(cache)),
+    }
+    operations = {
+        "set_new": lambda: cache.__setitem__(Meddler(9), b"\x09" * 100),
+        "overwrite": lambda: cache.__setitem__(Meddler(1), b"\x01" * 100),
+        "delete": lambda: cache.__delitem__(Meddler(1)),
+        "pop": lambda: cache.pop(Meddler(1)),
+        "get": lambda: cache.get(Meddler(1)),
+        "view": lambda: cache.view(Meddler(1)).__enter__(),
+    }
+    Meddler.action = meddlings[meddling]
+    try:
+        operations[operation]()
+    except KeyError:
+        pass
+    finally:
+        Meddler.action = None
+    assert consistency_problems(cache) == []
+    for key, got in cache.items():
+        assert got == (b"o" * len(got) if key == "other" else bytes([key.name]) * 100)
+
+
+@pytest.mark.parametrize("meddling", ["set", "delete", "close", "clear", "set_same", "popitem"])
+def test_on_evict_and_getsizeof_that_use_the_same_cache_keep_it_consistent(meddling):
+    """Held: on_evict (for size evictions and purges) and getsizeof that set, delete, clear,
+    close or pop the same cache: no exception, consistent cache, memory back at close."""
+    calls = []
+
+    def on_evict(key, reason):
+        calls.append(key)
+        if len(calls) > 20:
+            return
+        if meddling == "set":
+            cache[f"evicted-{key}"] = b"e" * 100
+        elif meddling == "delete" and "k2" in cache:
+            del cache["k2"]
+        elif meddling == "close":
+            cache.close()
+        elif meddling == "clear":
+            cache.clear()
+        elif meddling == "set_same":
+            cache[key] = b"again" * 20
+        elif meddling == "popitem" and len(cache):
+            cache.popitem()
+
+    def getsizeof(value):
+        if meddling == "set" and len(value) == 100:
+            cache["side"] = b"s" * 50
+        elif meddling == "delete" and "k0" in cache:
+            del cache["k0"]
+        return len(value)
+
+    cache = make(maxsize=300, on_evict=on_evict, getsizeof=getsizeof)
+    manager = cache.manager
+    for i in range(6):
+        cache[f"k{i}"] = bytes([i]) * 100
+    force_reclaim(cache)
+    list(cache)
+    for i in range(3):
+        cache[f"k{i}"] = bytes([i]) * 100
+    assert consistency_problems(cache) == []
+    for key, got in cache.items():
+        assert got in (bytes([int(key[1:])]) * 100 if key.startswith("k") else got,
+                       b"e" * 100, b"again" * 20, b"s" * 50)
+    cache.close()
+    gc.collect()
+    assert manager.stats()["allocated_bytes"] == 0
+
+
+def test_a_view_released_while_another_thread_holds_the_lock_is_settled_later():
+    """Held: close() inside a view, then the view ends while another thread holds the cache's
+    lock (a key's slow __eq__ inside a set): the slab is left to the timer, which frees it."""
+    class SlowKey:
+        def __init__(self, name):
+            self.name = name
+
+        def __hash__(self):
+            return 1
+
+        def __eq__(self, other):
+            time.sleep(0.3)
+            return isinstance(other, SlowKey) and other.name == self.name
+
+    cache = make()
+    manager = cache.manager
+    cache["viewed"] = b"v" * 50000
+    context = cache.view("viewed")
+    context.__enter__()
+    cache.close()
+    cache[SlowKey(1)] = b"1" * 100
+    setter = threading.Thread(target=cache.__setitem__, args=(SlowKey(2), b"2" * 100))
+    setter.start()
+    time.sleep(0.1)
+    context.__exit__(None, None, None)  # the lock is busy: the slab becomes an orphan
+    assert len(cache._orphans) == 1
+    setter.join()
+    deadline = time.monotonic() + 5
+    while cache._orphans and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not cache._orphans
+    assert manager.stats()["allocated_bytes"] == sum(slab.nbytes for slab in cache._slabs) > 0
+    cache.close()
+    assert manager.stats()["allocated_bytes"] == 0
+
+
+# ---------------------------------------------------------------------- held: views, sizes, copies
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nested_and_exported_views_outlive_close_and_free_everything_when_gone(backend):
+    """Held: two views of one key, a numpy array made from one and a slice of the other, with
+    close() inside: the bytes stay readable until the last of them goes, then the manager has
+    every byte back; the cache is usable again; a view kept past close() and a slot reused
+    after it never show each other's bytes."""
+    cache = make(backend)
+    manager = cache.manager
+    cache["a"] = b"a" * 100
+    cache["big"] = b"B" * 50000
+    with cache.view("a") as outer:
+        with cache.view("a") as inner:
+            array = np.frombuffer(inner, dtype=np.uint8)
+            piece = outer[5:10]
+            cache.close()
+        assert bytes(outer[:3]) == b"aaa"
+    assert array.tobytes() == b"a" * 100 and bytes(piece) == b"a" * 5
+    assert manager.stats()["allocated_bytes"] > 0
+    del array
+    gc.collect()
+    assert bytes(piece) == b"a" * 5
+    del piece
+    gc.collect()
+    assert manager.stats()["allocated_bytes"] == 0
+    cache["x"] = b"x" * 100
+    with cache.view("x") as mv:
+        kept = np.frombuffer(mv, dtype=np.uint8)
+    cache.close()
+    cache["y"] = b"y" * 100
+    cache["x"] = b"z" * 100
+    assert kept.tobytes() == b"x" * 100
+    assert (cache["x"], cache["y"]) == (b"z" * 100, b"y" * 100)
+    del kept
+    cache.close()
+    gc.collect()
+    assert manager.stats()["allocated_bytes"] == 0
+
+
+@pytest.mark.parametrize("backend", REAL)
+def test_a_cache_dropped_while_a_view_lives_frees_its_memory_after_the_view(backend):
+    """Held: del cache (no close) with a view and a numpy array of it alive: the bytes stay
+    valid; once both are gone the garbage collector gives every byte back."""
+    manager = DiscardableMemoryManager(64 << 20, backend)
+    cache = DiscardableCache(1 << 20, manager=manager, idle_unlock=0.001)
+    cache["v"] = b"v" * 100
+    context = cache.view("v")
+    array = np.frombuffer(context.__enter__(), dtype=np.uint8)
+    del cache
+    gc.collect()
+    time.sleep(0.02)
+    assert array.tobytes() == b"v" * 100
+    context.__exit__(None, None, None)
+    del context
+    gc.collect()
+    assert array.tobytes() == b"v" * 100
+    del array
+    gc.collect()
+    assert manager.stats()["allocated_bytes"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_values_at_every_size_class_boundary_round_trip_and_overwrite(backend):
+    """Held: a value of each class's slot size, one byte less and one more, 0, 1, page and
+    32768/32769 bytes: read back exactly, overwritten with one byte less exactly, currsize
+    always the sum of the values."""
+    from discache._cache import SIZE_CLASSES
+
+    cache = make(backend, maxsize=16 << 20)
+    sizes = sorted({size for slot, _, _ in SIZE_CLASSES for size in (slot - 1, slot, slot + 1)}
+                   | {0, 1, PAGE - 1, PAGE, PAGE + 1, 32767, 32768, 32769, 65537})
+    for size in sizes:
+        cache[size] = pattern(size, size)
+    assert [size for size in sizes if cache[size] != pattern(size, size)] == []
+    assert cache.currsize == sum(sizes)
+    for size in sizes:
+        cache[size] = pattern(size + 1, max(0, size - 1))
+    assert [s for s in sizes if cache[s] != pattern(s + 1, max(0, s - 1))] == []
+    assert consistency_problems(cache) == []
+
+
+@pytest.mark.parametrize("backend", ["madvfree", "simulated"])
+def test_pickle_and_copies_of_a_cache_with_purged_and_pinned_entries(backend):
+    """Held: after force_reclaim with one entry pinned, pickle/copy/deepcopy hold exactly the
+    intact entries (the pinned one and its slab-mates), unpinned, with the same bytes; the
+    original keeps its pin; all of them give their memory back at close()."""
+    cache = make(backend)
+    for i in range(10):
+        cache[i] = pattern(i, 40000 if i % 2 else 100)
+    cache.pin(1)
+    force_reclaim(cache)
+    clones = [pickle.loads(pickle.dumps(cache)), copy.copy(cache), copy.deepcopy(cache)]
+    for clone in clones:
+        assert list(clone) == [1]
+        assert clone[1] == pattern(1, 40000)
+        assert clone.stats()["pinned_entries"] == 0
+    assert cache.stats()["pinned_entries"] == 1
+    cache.unpin(1)
+    for each in [cache] + clones[1:]:
+        each.close()
+    gc.collect()
+    assert cache.manager.stats()["allocated_bytes"] == 0
+
+
+@pytest.mark.parametrize("limit", [PAGE, 2 * PAGE])
+def test_a_manager_smaller_than_a_slab_still_stores_exact_values(limit):
+    """Held: a manager of one or two pages: values get slabs of their own, read back exactly;
+    a value above the limit raises MemoryError and changes nothing; close() frees all."""
+    manager = DiscardableMemoryManager(limit, "madvfree")
+    cache = DiscardableCache(1 << 20, manager=manager, idle_unlock=None)
+    for i in range(20):
+        cache[i] = pattern(i, 100)
+    assert all(cache[i] == pattern(i, 100) for i in range(20))
+    with pytest.raises(MemoryError):
+        cache["big"] = b"x" * (limit + 1)
+    assert consistency_problems(cache) == [] and len(cache) == 20
+    cache.close()
+    assert manager.stats()["allocated_bytes"] == 0
