@@ -1031,3 +1031,37 @@ def test_a_manager_smaller_than_a_slab_still_stores_exact_values(limit):
     assert consistency_problems(cache) == [] and len(cache) == 20
     cache.close()
     assert manager.stats()["allocated_bytes"] == 0
+
+
+@pytest.mark.parametrize("backend", REAL)
+def test_an_array_made_on_a_views_buffer_keeps_its_bytes_while_it_lives(backend):
+    """Now: np.ndarray(shape, dtype, buffer=mv) takes the buffer and keeps the EntryView (not
+    the memoryview, and no export) as its base; the pin ends with the `with`, so the array
+    then shows another key's bytes once the slot is reused (b"bbbb" where b"aaaa" was stored),
+    and after close() reading it kills the interpreter with SIGSEGV.  Should: the entry stays
+    pinned while anything holding the view's buffer object lives (the EntryView's lifetime,
+    not the count of exports)."""
+    code = f"""
+        import numpy as np
+        from discache.cache import DiscardableCache
+        from discache.manager import DiscardableMemoryManager
+        manager = DiscardableMemoryManager(64 << 20, {backend!r})
+        cache = DiscardableCache(1 << 20, manager=manager, idle_unlock=None)
+        cache["a"] = b"a" * 100
+        with cache.view("a") as mv:
+            small = np.ndarray((100,), np.uint8, buffer=mv)
+        try:
+            del cache["a"]
+        except Exception:
+            pass  # refusing to delete a pinned entry is fine
+        cache["b"] = b"b" * 100
+        print("small", small[:4].tobytes(), flush=True)
+        cache["big"] = b"B" * 100000
+        with cache.view("big") as mv:
+            big = np.ndarray((100000,), np.uint8, buffer=mv)
+        cache.close()
+        print("big", big[:4].tobytes(), big[-4:].tobytes(), flush=True)
+    """
+    returncode, output = run_python(code)
+    assert returncode == 0, output
+    assert "small b'aaaa'" in output and "big b'BBBB' b'BBBB'" in output, output
