@@ -1065,3 +1065,21 @@ def test_an_array_made_on_a_views_buffer_keeps_its_bytes_while_it_lives(backend)
     returncode, output = run_python(code)
     assert returncode == 0, output
     assert "small b'aaaa'" in output and "big b'BBBB' b'BBBB'" in output, output
+
+
+def test_a_consumer_holding_an_export_of_the_views_memoryview_does_not_make_the_with_raise():
+    """Now: view()'s exit calls mv.release(); a consumer holding a buffer export of mv itself
+    (pickle.PickleBuffer(mv), a Cython typed memoryview, a C extension keeping Py_buffer) makes
+    it raise BufferError("memoryview has 1 exported buffer") out of the `with`, masking the
+    body's own exception if any.  Should: the with ends quietly and the entry stays pinned
+    until the consumer lets go (as for a slice)."""
+    cache = make()
+    cache["a"] = b"a" * 100
+    with cache.view("a") as mv:
+        held = pickle.PickleBuffer(mv)
+    assert bytes(held.raw()) == b"a" * 100
+    assert cache.stats()["pinned_entries"] == 1
+    held.release()
+    del held, mv
+    gc.collect()
+    assert cache.stats()["pinned_entries"] == 0
