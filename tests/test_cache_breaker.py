@@ -1167,3 +1167,35 @@ def test_fork_while_another_thread_creates_and_drops_caches_leaves_the_child_abl
     """
     returncode, output = run_python(code, timeout=60)
     assert (returncode, "hung 0" in output) == (0, True), output
+
+
+# ---------------------------------------------------------------------- the idle timer
+
+
+def test_a_huge_idle_unlock_on_one_cache_does_not_stop_the_timer_of_every_other():
+    """Now: idle_unlock=1e12 ("practically never") is accepted; the process's one timer thread
+    then calls Condition.wait(5e11), which raises OverflowError ("timestamp out of range for
+    platform time_t"): the thread dies, and no cache of the process is ever unlocked by it
+    again (another cache with idle_unlock=0.05 stays locked).  Should: such a deadline is
+    clamped (or the value refused by the constructor); the timer never dies."""
+    code = """
+        import time
+        from discache import idle
+        from discache.cache import DiscardableCache
+        from discache.manager import DiscardableMemoryManager
+        manager = DiscardableMemoryManager(64 << 20, "madvfree")
+        try:
+            lazy = DiscardableCache(1 << 20, manager=manager, idle_unlock=1e12)
+            lazy["a"] = b"a" * 100
+        except ValueError:
+            pass  # refusing it is fine too
+        time.sleep(0.2)
+        cache = DiscardableCache(1 << 20, manager=manager, idle_unlock=0.05)
+        cache["b"] = b"b" * 40000
+        deadline = time.monotonic() + 2
+        while cache.stats()["locked_bytes"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print("timer running", idle.TIMER.running, "locked", cache.stats()["locked_bytes"])
+    """
+    returncode, output = run_python(code)
+    assert "timer running True locked 0" in output, output
