@@ -1199,3 +1199,56 @@ def test_a_huge_idle_unlock_on_one_cache_does_not_stop_the_timer_of_every_other(
     """
     returncode, output = run_python(code)
     assert "timer running True locked 0" in output, output
+
+
+def test_cached_caches_a_non_contiguous_array_result():
+    """Now: storing a strided array raises numpy's ValueError, which discache.cached takes for
+    "too large": the result is returned but silently never cached (every call a miss, counted
+    as too_large).  Should: the second call is a hit."""
+    cache = make()
+    calls = []
+
+    @cached(cache, info=True)
+    def column(n):
+        calls.append(n)
+        return np.arange(64, dtype=np.int32).reshape(8, 8)[:, n]
+
+    first = column(1)
+    assert bytes(column(1)) == first.tobytes()
+    assert len(calls) == 1 and cache.stats()["too_large"] == 0
+
+
+@pytest.mark.parametrize("backend", REAL)
+def test_fork_with_the_idle_timer_busy_gives_a_child_whose_cache_goes_idle(backend):
+    """Held: forks while a thread sets entries and the timer ticks every 0.5 ms: each child
+    reads every entry exactly, and its own timer unlocks its cache within 2 s."""
+    cache = make(backend, idle_unlock=0.001)
+    for i in range(50):
+        cache[i] = versioned(i, 3)
+    stop = threading.Event()
+
+    def busy():
+        i = 0
+        while not stop.is_set():
+            cache[i % 50] = versioned(i % 50, 3 + i % 5)
+            i += 1
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    try:
+        for _ in range(10):
+            time.sleep(0.003)
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(5)
+                ok = all(versioned_problem(k, v) is None for k, v in cache.items())
+                ok = ok and len(cache) == 50
+                deadline = time.monotonic() + 2
+                while cache.stats()["locked_bytes"] and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                os._exit(0 if ok and not cache.stats()["locked_bytes"] else 1)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        stop.set()
+        thread.join()
