@@ -1252,3 +1252,45 @@ def test_fork_with_the_idle_timer_busy_gives_a_child_whose_cache_goes_idle(backe
     finally:
         stop.set()
         thread.join()
+
+
+@pytest.mark.parametrize("child_does", ["exits_normally", "overwrites_a_key", "closes"])
+@pytest.mark.parametrize("backend", REAL)
+def test_a_forked_child_never_changes_what_the_parents_cache_returns(backend, child_does):
+    """Now (memfd): the cache's segments are MAP_SHARED memfds, so after fork parent and child
+    write the same pages while each keeps its own slot bookkeeping.  A child that overwrites
+    "a" makes the parent's cache["a"] return the child's bytes; a child that closes its cache,
+    or merely exits normally (sys.exit: the cache's atexit finalizer frees its slabs, punching
+    holes in the shared memfd), makes the parent's cache return zeros for every entry -- with
+    no purge reported.  (madvfree: private copy-on-write, correct.)  Should: the parent gets
+    exactly its own values, or a reported loss (missing, on_evict "purged"); never another
+    process's bytes or zeros."""
+    code = f"""
+        import os, sys
+        from discache.cache import DiscardableCache
+        from discache.manager import DiscardableMemoryManager
+        reported = []
+        manager = DiscardableMemoryManager(64 << 20, {backend!r})
+        cache = DiscardableCache(1 << 20, manager=manager, idle_unlock=None,
+                                 on_evict=lambda key, reason: reported.append(key))
+        cache["a"] = b"a" * 100
+        cache["big"] = b"B" * 50000
+        pid = os.fork()
+        if pid == 0:
+            if {child_does!r} == "overwrites_a_key":
+                cache["a"] = b"X" * 100
+                cache["new"] = b"N" * 100
+                os._exit(0)
+            if {child_does!r} == "closes":
+                cache.close()
+                os._exit(0)
+            sys.exit(0)
+        os.waitpid(pid, 0)
+        for key, expected in (("a", b"a" * 100), ("big", b"B" * 50000)):
+            got = cache.get(key)
+            ok = got == expected or (got is None and key in reported)
+            print(key, "ok" if ok else f"WRONG {{got[:8]!r}}")
+    """
+    returncode, output = run_python(code)
+    assert returncode == 0, output
+    assert output.split() == ["a", "ok", "big", "ok"], output
