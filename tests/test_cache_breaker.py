@@ -1314,3 +1314,44 @@ def test_currsize_never_exceeds_maxsize_even_with_pinned_entries():
     except ValueError:
         pass
     assert cache.currsize <= cache.maxsize
+
+
+def test_the_programs_own_gc_disable_survives_a_cache_call_in_another_thread():
+    """(Written against main at eaf356c, whose caches pause the garbage collector while any
+    cache's lock is held and turn it back on when the last lock goes "if it was enabled" when
+    the first was taken.)  A program that calls gc.disable() (a common server tuning) while
+    another thread is inside a cache call finds the collector enabled again once that call
+    ends.  Should: the program's own gc.disable()/gc.enable() is never overridden."""
+    entered = threading.Event()
+    go_on = threading.Event()
+
+    class WaitingKey:
+        """A key whose comparison (made under the cache's lock) waits for the test."""
+
+        def __hash__(self):
+            return 5
+
+        def __eq__(self, other):
+            entered.set()
+            go_on.wait(5)
+            return other is self
+
+    cache = make()
+    cache[WaitingKey()] = b"first"
+    was_enabled = gc.isenabled()
+    gc.enable()
+    setter = threading.Thread(target=cache.__setitem__, args=(WaitingKey(), b"second"))
+    setter.start()
+    try:
+        assert entered.wait(5)
+        gc.disable()  # the program's choice, while the other thread holds the cache's lock
+        go_on.set()
+        setter.join(5)
+        assert not gc.isenabled(), "the cache turned the collector back on"
+    finally:
+        go_on.set()
+        setter.join(5)
+        if was_enabled:
+            gc.enable()
+        else:
+            gc.disable()
