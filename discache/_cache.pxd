@@ -46,6 +46,7 @@ cdef class CacheCore:
     cdef public object purged_keys_   # keys found purged, until stored again (regenerations)
     cdef public list events_          # (key, reason) to report once the lock is released
     cdef public Py_ssize_t evicted_for_size_
+    cdef public Py_ssize_t pinned_weight_   # weights of the pinned (or viewed) entries
     cdef public object on_evict_
 
     cdef void _unlink(self, CacheEntry entry) noexcept

@@ -54,7 +54,7 @@ class CacheEntry:
     views: int
     linked: bool
     checksum: bytes | None
-    def change_pins(self, delta: int, view: bool = False) -> int: ...
+    def change_pins(self, delta: int, view: bool = False, cache: CacheCore | None = None) -> int: ...
     @property
     def offset(self) -> int: ...
 
@@ -79,6 +79,7 @@ class CacheCore:
     purged_keys_: Any
     events_: list[tuple[Hashable, str]]
     evicted_for_size_: int
+    pinned_weight_: int
     on_evict_: Any
     def get(self, key: Hashable, default: Any = None) -> Any: ...
     def __getitem__(self, key: Hashable) -> bytes: ...

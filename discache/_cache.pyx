@@ -197,13 +197,16 @@ cdef class Slab:
 cdef class CacheEntry:
     """One cached value: where its bytes are, its sizes, pins and place in the LRU list."""
 
-    def change_pins(self, int delta, bint view=False) -> int:
+    def change_pins(self, int delta, bint view=False, CacheCore cache=None) -> int:
         """Add delta pins (views if view) to the entry and its slab, atomically under the GIL
-        (a view's last buffer may go in any thread, without the cache's lock); returns the
-        slab's pins left, -1 without a slab."""
+        (a view's last buffer may go in any thread, without the cache's lock), and keep the
+        cache's pinned weight; returns the slab's pins left, -1 without a slab."""
+        cdef bint was_pinned = self.pins > 0
         self.pins += delta
         if view:
             self.views += delta
+        if cache is not None and self.linked and was_pinned != (self.pins > 0):
+            cache.pinned_weight_ += self.weight if self.pins > 0 else -self.weight
         if self.slab is None:
             return -1
         self.slab.pins += delta
@@ -245,7 +248,7 @@ cdef class EntryView:
         if self.owner is None or self.entry is None:
             return
         slab = self.entry.slab
-        if self.entry.change_pins(-1, True) == 0:
+        if self.entry.change_pins(-1, True, self.owner) == 0:
             self.owner._last_pin_gone(slab)
 
 
@@ -447,6 +450,10 @@ cdef class CacheCore:
         cdef Slab slab
         if old is not None and old.pins:
             raise PinnedError(f"{key!r} is pinned: unpin it (or end its view) before replacing it")
+        if self.pinned_weight_ + weight > self.maxsize_:
+            raise ValueError(f"value too large for the room pinned entries leave: {weight} with "
+                             f"{self.pinned_weight_} pinned, for a cache of maxsize "
+                             f"{self.maxsize_}")
         if self.purged_keys_:
             self.purged_keys_.pop(key, None)
         if old is not None and old.linked and size and self._fits(old, size):

@@ -110,7 +110,8 @@ class DiscardableCache(CacheCore, MutableMapping):
         self._finalizer = weakref.finalize(self, _release_slabs, self._slabs)
         self._finalizer.atexit = False
         manager.register_cache(self)
-        _CACHES[id(self)] = self
+        with _CACHES_MUTEX:
+            _CACHES[id(self)] = self
 
     # ------------------------------------------------------------------ sizes
 
@@ -362,14 +363,14 @@ class DiscardableCache(CacheCore, MutableMapping):
             entry = self.entries_[key]
             if entry.pins - entry.views == 0:
                 raise ValueError(f"{key!r} is not pinned")
-            if entry.change_pins(-1) == 0:
+            if entry.change_pins(-1, False, self) == 0:
                 self._last_pin_gone(entry.slab)
 
     def _pin(self, key: Hashable, view: bool = False) -> CacheEntry:
         entry = self.entries_.get(key)
         if entry is None or not self._ensure_locked(entry):
             raise KeyError(key)
-        entry.change_pins(1, view)
+        entry.change_pins(1, view, self)
         return entry
 
     def _last_pin_gone(self, slab: Slab) -> None:
@@ -620,6 +621,7 @@ class DiscardableCache(CacheCore, MutableMapping):
                 # pin() calls end with the cache's entries (no key can be unpinned any more);
                 # live views keep their slab until they end.
                 entry.change_pins(entry.views - entry.pins)
+            self.pinned_weight_ = 0
             self.currsize_ = 0
             for slab in list(self._slabs):
                 if slab.pins:
@@ -715,19 +717,25 @@ def _unpickle(cls: type, settings: dict, where: Optional[tuple]) -> DiscardableC
 # ---------------------------------------------------------------------- fork
 
 _CACHES: "weakref.WeakValueDictionary[int, DiscardableCache]" = weakref.WeakValueDictionary()
-_FORK_HELD: list = []
+_CACHES_MUTEX = threading.Lock()  # a cache registering while a fork lists them
+_FORK_HELD: list = []  # the caches' locks (not the caches: see _before_fork)
 
 
 def _before_fork() -> None:
-    # Every cache's lock, so that no thread is half-way through changing one in the child.
-    for cache in list(_CACHES.values()):
+    # Every cache's lock, so that no thread is half-way through changing one in the child.  Only
+    # the locks are kept: holding the caches would make the child drop the last reference to
+    # caches another thread let go, and run their finalizers inside the fork hook.
+    with _CACHES_MUTEX:
+        caches = list(_CACHES.values())
+    for cache in caches:
         cache.lock_.acquire()
-        _FORK_HELD.append(cache)
+        _FORK_HELD.append(cache.lock_)
+    del caches
 
 
 def _after_fork() -> None:
     while _FORK_HELD:
-        _FORK_HELD.pop().lock_.release()
+        _FORK_HELD.pop().release()
 
 
 if hasattr(os, "register_at_fork"):
