@@ -1,3 +1,10 @@
+cdef class Guard:
+    cdef object lock
+    cdef Py_ssize_t depth
+    cdef int enter(self) except -1
+    cdef int leave(self) except -1
+
+
 cdef class Slab:
     cdef public object mem            # the manager's memory holding the slots
     cdef char *base                   # its first byte, NULL: read and write through mem

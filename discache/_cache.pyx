@@ -55,13 +55,10 @@ cdef class Guard:
     """A cache's lock, with the garbage collector paused while any cache's lock is held (the
     counts change under the GIL with no Python code between, so threads agree on them)."""
 
-    cdef object lock
-    cdef Py_ssize_t depth
-
     def __cinit__(self, lock):
         self.lock = lock
 
-    def __enter__(self):
+    cdef int enter(self) except -1:
         global GC_HOLDS, GC_WAS_ENABLED
         self.lock.acquire()
         self.depth += 1
@@ -69,9 +66,9 @@ cdef class Guard:
             if GC_HOLDS == 0:
                 GC_WAS_ENABLED = dc_gc_disable()
             GC_HOLDS += 1
-        return self
+        return 0
 
-    def __exit__(self, *exc_info):
+    cdef int leave(self) except -1:
         global GC_HOLDS
         if self.depth == 1:
             GC_HOLDS -= 1
@@ -79,6 +76,14 @@ cdef class Guard:
                 dc_gc_enable()
         self.depth -= 1
         self.lock.release()
+        return 0
+
+    def __enter__(self):
+        self.enter()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.leave()
         return False
 
     def acquire_now(self) -> bool:
@@ -95,7 +100,56 @@ cdef class Guard:
 
     def release(self) -> None:
         """Leave after acquire_now()."""
-        self.__exit__(None, None, None)
+        self.leave()
+
+
+cdef class ViewContext:
+    """What DiscardableCache.view(key) returns: `with` it for a read-only memoryview of the
+    entry, pinned while that view (or anything made on its buffer) lives."""
+
+    cdef CacheCore cache
+    cdef object key
+    cdef object mv
+
+    def __cinit__(self, CacheCore cache, key):
+        self.cache = cache
+        self.key = key
+
+    def __enter__(self):
+        cdef CacheCore cache = self.cache
+        cdef PyObject *found
+        cdef CacheEntry entry
+        cdef Slab slab
+        cdef Guard guard = <Guard>cache.guard_
+        if self.mv is not None:
+            raise RuntimeError("this view is already entered: call cache.view(key) again")
+        guard.enter()
+        try:
+            found = PyDict_GetItemWithError(cache.entries_, self.key)
+            if found != NULL and not cache.events_:
+                entry = <CacheEntry>found
+                slab = entry.slab
+                if entry.linked and (slab is None or slab.locked):
+                    entry.change_pins(1, True, cache)
+                    if slab is not None:
+                        slab.used = True
+                    if entry is not cache.tail:  # a view is a use for the LRU order
+                        cache._unlink(entry)
+                        cache._append(entry)
+                    self.mv = memoryview(EntryView(cache, entry))
+        finally:
+            guard.leave()
+        if self.mv is None:  # missing, purged, to be locked again, or reports pending
+            self.mv = cache._view_slow(self.key)
+        return self.mv
+
+    def __exit__(self, *exc_info):
+        mv, self.mv = self.mv, None
+        try:
+            mv.release()
+        except BufferError:  # exported further (numpy.frombuffer...): pinned until that goes
+            pass
+        return False
 
 
 MISSING = object()  # the slow path's answer for a missing or purged entry

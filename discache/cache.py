@@ -10,13 +10,12 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import MutableMapping
-from contextlib import contextmanager
 from typing import Any, Callable, Hashable, Iterator, NamedTuple, Optional
 
 import mmh3
 
 from . import idle, validate
-from ._cache import MISSING, CacheCore, Guard, CacheEntry, EntryView, Slab, init_classes
+from ._cache import MISSING, CacheCore, Guard, ViewContext, CacheEntry, EntryView, Slab, init_classes
 from .errors import PinnedError
 from .manager import PAGE, DiscardableMemoryManager, default_manager
 
@@ -319,10 +318,14 @@ class DiscardableCache(CacheCore, MutableMapping):
                 self.too_large += 1
         return result
 
-    @contextmanager
-    def view(self, key: Hashable) -> Iterator[memoryview]:
-        """Zero-copy read-only access to the entry; KeyError if missing or purged.  The entry
-        stays pinned while the view, or any slice of it, lives."""
+    def view(self, key: Hashable) -> ViewContext:
+        """Zero-copy read-only access to the entry: `with cache.view(key) as mv:`; KeyError if
+        missing or purged.  The entry stays pinned while mv, or any slice of it or object made
+        on its buffer, lives."""
+        return ViewContext(self, key)
+
+    def _view_slow(self, key: Hashable) -> memoryview:
+        """view()'s way in when the entry's slab must be locked again or reports are pending."""
         try:
             with self.guard_:
                 entry = self._pin(key, view=True)
@@ -338,13 +341,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         except BaseException:
             mv.release()
             raise
-        try:
-            yield mv
-        finally:
-            try:
-                mv.release()
-            except BufferError:  # exported further (numpy.frombuffer...): pinned until that goes
-                pass
+        return mv
 
     def pin(self, key: Hashable) -> None:
         """Keep the entry locked (never unlocked, reclaimed or evicted) until unpin; KeyError
