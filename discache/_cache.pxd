@@ -2,6 +2,7 @@ cdef class Guard:
     cdef object lock
     cdef Py_ssize_t depth
     cdef int enter(self) except -1
+    cdef void _entered(self) noexcept
     cdef int leave(self) except -1
 
 

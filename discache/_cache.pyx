@@ -59,14 +59,17 @@ cdef class Guard:
         self.lock = lock
 
     cdef int enter(self) except -1:
-        global GC_HOLDS, GC_WAS_ENABLED
         self.lock.acquire()
+        self._entered()
+        return 0
+
+    cdef void _entered(self) noexcept:
+        global GC_HOLDS, GC_WAS_ENABLED
         self.depth += 1
         if self.depth == 1:
             if GC_HOLDS == 0:
                 GC_WAS_ENABLED = dc_gc_disable()
             GC_HOLDS += 1
-        return 0
 
     cdef int leave(self) except -1:
         global GC_HOLDS
@@ -88,14 +91,9 @@ cdef class Guard:
 
     def acquire_now(self) -> bool:
         """Enter without waiting; False if another thread holds the lock."""
-        global GC_HOLDS, GC_WAS_ENABLED
         if not self.lock.acquire(False):
             return False
-        self.depth += 1
-        if self.depth == 1:
-            if GC_HOLDS == 0:
-                GC_WAS_ENABLED = dc_gc_disable()
-            GC_HOLDS += 1
+        self._entered()
         return True
 
     def release(self) -> None:
