@@ -1,3 +1,11 @@
+cdef class Guard:
+    cdef object lock
+    cdef Py_ssize_t depth
+    cdef int enter(self) except -1
+    cdef void _entered(self) noexcept
+    cdef int leave(self) except -1
+
+
 cdef class Slab:
     cdef public object mem            # the manager's memory holding the slots
     cdef char *base                   # its first byte, NULL: read and write through mem
@@ -46,6 +54,7 @@ cdef class CacheCore:
     cdef public object purged_keys_   # keys found purged, until stored again (regenerations)
     cdef public list events_          # (key, reason) to report once the lock is released
     cdef public Py_ssize_t evicted_for_size_
+    cdef public Py_ssize_t pinned_weight_   # weights of the pinned (or viewed) entries
     cdef public object on_evict_
 
     cdef void _unlink(self, CacheEntry entry) noexcept

@@ -55,23 +55,23 @@ cdef class Guard:
     """A cache's lock, with the garbage collector paused while any cache's lock is held (the
     counts change under the GIL with no Python code between, so threads agree on them)."""
 
-    cdef object lock
-    cdef Py_ssize_t depth
-
     def __cinit__(self, lock):
         self.lock = lock
 
-    def __enter__(self):
-        global GC_HOLDS, GC_WAS_ENABLED
+    cdef int enter(self) except -1:
         self.lock.acquire()
+        self._entered()
+        return 0
+
+    cdef void _entered(self) noexcept:
+        global GC_HOLDS, GC_WAS_ENABLED
         self.depth += 1
         if self.depth == 1:
             if GC_HOLDS == 0:
                 GC_WAS_ENABLED = dc_gc_disable()
             GC_HOLDS += 1
-        return self
 
-    def __exit__(self, *exc_info):
+    cdef int leave(self) except -1:
         global GC_HOLDS
         if self.depth == 1:
             GC_HOLDS -= 1
@@ -79,23 +79,75 @@ cdef class Guard:
                 dc_gc_enable()
         self.depth -= 1
         self.lock.release()
+        return 0
+
+    def __enter__(self):
+        self.enter()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.leave()
         return False
 
     def acquire_now(self) -> bool:
         """Enter without waiting; False if another thread holds the lock."""
-        global GC_HOLDS, GC_WAS_ENABLED
         if not self.lock.acquire(False):
             return False
-        self.depth += 1
-        if self.depth == 1:
-            if GC_HOLDS == 0:
-                GC_WAS_ENABLED = dc_gc_disable()
-            GC_HOLDS += 1
+        self._entered()
         return True
 
     def release(self) -> None:
         """Leave after acquire_now()."""
-        self.__exit__(None, None, None)
+        self.leave()
+
+
+cdef class ViewContext:
+    """What DiscardableCache.view(key) returns: `with` it for a read-only memoryview of the
+    entry, pinned while that view (or anything made on its buffer) lives."""
+
+    cdef CacheCore cache
+    cdef object key
+    cdef object mv
+
+    def __cinit__(self, CacheCore cache, key):
+        self.cache = cache
+        self.key = key
+
+    def __enter__(self):
+        cdef CacheCore cache = self.cache
+        cdef PyObject *found
+        cdef CacheEntry entry
+        cdef Slab slab
+        cdef Guard guard = <Guard>cache.guard_
+        if self.mv is not None:
+            raise RuntimeError("this view is already entered: call cache.view(key) again")
+        guard.enter()
+        try:
+            found = PyDict_GetItemWithError(cache.entries_, self.key)
+            if found != NULL and not cache.events_:
+                entry = <CacheEntry>found
+                slab = entry.slab
+                if entry.linked and (slab is None or slab.locked):
+                    entry.change_pins(1, True, cache)
+                    if slab is not None:
+                        slab.used = True
+                    if entry is not cache.tail:  # a view is a use for the LRU order
+                        cache._unlink(entry)
+                        cache._append(entry)
+                    self.mv = memoryview(EntryView(cache, entry))
+        finally:
+            guard.leave()
+        if self.mv is None:  # missing, purged, to be locked again, or reports pending
+            self.mv = cache._view_slow(self.key)
+        return self.mv
+
+    def __exit__(self, *exc_info):
+        mv, self.mv = self.mv, None
+        try:
+            mv.release()
+        except BufferError:  # exported further (numpy.frombuffer...): pinned until that goes
+            pass
+        return False
 
 
 MISSING = object()  # the slow path's answer for a missing or purged entry
@@ -197,13 +249,16 @@ cdef class Slab:
 cdef class CacheEntry:
     """One cached value: where its bytes are, its sizes, pins and place in the LRU list."""
 
-    def change_pins(self, int delta, bint view=False) -> int:
+    def change_pins(self, int delta, bint view=False, CacheCore cache=None) -> int:
         """Add delta pins (views if view) to the entry and its slab, atomically under the GIL
-        (a view's last buffer may go in any thread, without the cache's lock); returns the
-        slab's pins left, -1 without a slab."""
+        (a view's last buffer may go in any thread, without the cache's lock), and keep the
+        cache's pinned weight; returns the slab's pins left, -1 without a slab."""
+        cdef bint was_pinned = self.pins > 0
         self.pins += delta
         if view:
             self.views += delta
+        if cache is not None and self.linked and was_pinned != (self.pins > 0):
+            cache.pinned_weight_ += self.weight if self.pins > 0 else -self.weight
         if self.slab is None:
             return -1
         self.slab.pins += delta
@@ -245,7 +300,7 @@ cdef class EntryView:
         if self.owner is None or self.entry is None:
             return
         slab = self.entry.slab
-        if self.entry.change_pins(-1, True) == 0:
+        if self.entry.change_pins(-1, True, self.owner) == 0:
             self.owner._last_pin_gone(slab)
 
 
@@ -447,6 +502,10 @@ cdef class CacheCore:
         cdef Slab slab
         if old is not None and old.pins:
             raise PinnedError(f"{key!r} is pinned: unpin it (or end its view) before replacing it")
+        if self.pinned_weight_ + weight > self.maxsize_:
+            raise ValueError(f"value too large for the room pinned entries leave: {weight} with "
+                             f"{self.pinned_weight_} pinned, for a cache of maxsize "
+                             f"{self.maxsize_}")
         if self.purged_keys_:
             self.purged_keys_.pop(key, None)
         if old is not None and old.linked and size and self._fits(old, size):

@@ -10,13 +10,12 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import MutableMapping
-from contextlib import contextmanager
 from typing import Any, Callable, Hashable, Iterator, NamedTuple, Optional
 
 import mmh3
 
 from . import idle, validate
-from ._cache import MISSING, CacheCore, Guard, CacheEntry, EntryView, Slab, init_classes
+from ._cache import MISSING, CacheCore, Guard, ViewContext, CacheEntry, EntryView, Slab, init_classes
 from .errors import PinnedError
 from .manager import PAGE, DiscardableMemoryManager, default_manager
 
@@ -107,10 +106,11 @@ class DiscardableCache(CacheCore, MutableMapping):
         self.too_large = 0  # values get_or_create and cached returned without storing
         # A cache dropped without close() gives its memory back (not at exit: the system does,
         # and a view may still be read by an exit handler).
-        self._finalizer = weakref.finalize(self, _close_slabs, self._slabs)
+        self._finalizer = weakref.finalize(self, _release_slabs, self._slabs)
         self._finalizer.atexit = False
         manager.register_cache(self)
-        _CACHES[id(self)] = self
+        with _CACHES_MUTEX:
+            _CACHES[id(self)] = self
 
     # ------------------------------------------------------------------ sizes
 
@@ -318,10 +318,14 @@ class DiscardableCache(CacheCore, MutableMapping):
                 self.too_large += 1
         return result
 
-    @contextmanager
-    def view(self, key: Hashable) -> Iterator[memoryview]:
-        """Zero-copy read-only access to the entry; KeyError if missing or purged.  The entry
-        stays pinned while the view, or any slice of it, lives."""
+    def view(self, key: Hashable) -> ViewContext:
+        """Zero-copy read-only access to the entry: `with cache.view(key) as mv:`; KeyError if
+        missing or purged.  The entry stays pinned while mv, or any slice of it or object made
+        on its buffer, lives."""
+        return ViewContext(self, key)
+
+    def _view_slow(self, key: Hashable) -> memoryview:
+        """view()'s way in when the entry's slab must be locked again or reports are pending."""
         try:
             with self.guard_:
                 entry = self._pin(key, view=True)
@@ -337,13 +341,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         except BaseException:
             mv.release()
             raise
-        try:
-            yield mv
-        finally:
-            try:
-                mv.release()
-            except BufferError:  # exported further (numpy.frombuffer...): pinned until that goes
-                pass
+        return mv
 
     def pin(self, key: Hashable) -> None:
         """Keep the entry locked (never unlocked, reclaimed or evicted) until unpin; KeyError
@@ -362,14 +360,14 @@ class DiscardableCache(CacheCore, MutableMapping):
             entry = self.entries_[key]
             if entry.pins - entry.views == 0:
                 raise ValueError(f"{key!r} is not pinned")
-            if entry.change_pins(-1) == 0:
+            if entry.change_pins(-1, False, self) == 0:
                 self._last_pin_gone(entry.slab)
 
     def _pin(self, key: Hashable, view: bool = False) -> CacheEntry:
         entry = self.entries_.get(key)
         if entry is None or not self._ensure_locked(entry):
             raise KeyError(key)
-        entry.change_pins(1, view)
+        entry.change_pins(1, view, self)
         return entry
 
     def _last_pin_gone(self, slab: Slab) -> None:
@@ -390,7 +388,7 @@ class DiscardableCache(CacheCore, MutableMapping):
         if slab.pins:
             return
         if slab.doomed:
-            self._close_slab(slab)
+            self._release_slab(slab)
         elif slab.locked:
             self._schedule()
 
@@ -414,7 +412,7 @@ class DiscardableCache(CacheCore, MutableMapping):
             if slab.pins:
                 continue
             if slab.live == 0:
-                self._close_slab(slab)
+                self._release_slab(slab)
                 continue
             if slab.used:
                 slab.used = False
@@ -513,9 +511,9 @@ class DiscardableCache(CacheCore, MutableMapping):
         if slab.pins:
             return
         if slab.size_class < 0 or not slab.locked or slab.doomed:
-            self._close_slab(slab)
+            self._release_slab(slab)
 
-    def _close_slab(self, slab: Slab) -> None:
+    def _release_slab(self, slab: Slab) -> None:
         if slab.listed:
             self.partial_[slab.size_class].remove(slab)
             slab.listed = False
@@ -620,6 +618,7 @@ class DiscardableCache(CacheCore, MutableMapping):
                 # pin() calls end with the cache's entries (no key can be unpinned any more);
                 # live views keep their slab until they end.
                 entry.change_pins(entry.views - entry.pins)
+            self.pinned_weight_ = 0
             self.currsize_ = 0
             for slab in list(self._slabs):
                 if slab.pins:
@@ -630,7 +629,7 @@ class DiscardableCache(CacheCore, MutableMapping):
                     self._locked_slabs.discard(slab)
                     self._slabs.discard(slab)
                 else:
-                    self._close_slab(slab)
+                    self._release_slab(slab)
             self.events_.clear()
 
     def _force_reclaim(self) -> int:
@@ -686,7 +685,7 @@ class DiscardableCache(CacheCore, MutableMapping):
 idle_clock = idle.clock
 
 
-def _close_slabs(slabs: set) -> None:
+def _release_slabs(slabs: set) -> None:
     """The finalizer of a cache dropped without close(): free its slabs' memory."""
     for slab in list(slabs):
         if slab.pins:  # a live view holds it (and so the cache): not reached, but never freed
@@ -715,19 +714,25 @@ def _unpickle(cls: type, settings: dict, where: Optional[tuple]) -> DiscardableC
 # ---------------------------------------------------------------------- fork
 
 _CACHES: "weakref.WeakValueDictionary[int, DiscardableCache]" = weakref.WeakValueDictionary()
-_FORK_HELD: list = []
+_CACHES_MUTEX = threading.Lock()  # a cache registering while a fork lists them
+_FORK_HELD: list = []  # the caches' locks (not the caches: see _before_fork)
 
 
 def _before_fork() -> None:
-    # Every cache's lock, so that no thread is half-way through changing one in the child.
-    for cache in list(_CACHES.values()):
+    # Every cache's lock, so that no thread is half-way through changing one in the child.  Only
+    # the locks are kept: holding the caches would make the child drop the last reference to
+    # caches another thread let go, and run their finalizers inside the fork hook.
+    with _CACHES_MUTEX:
+        caches = list(_CACHES.values())
+    for cache in caches:
         cache.lock_.acquire()
-        _FORK_HELD.append(cache)
+        _FORK_HELD.append(cache.lock_)
+    del caches
 
 
 def _after_fork() -> None:
     while _FORK_HELD:
-        _FORK_HELD.pop().lock_.release()
+        _FORK_HELD.pop().release()
 
 
 if hasattr(os, "register_at_fork"):

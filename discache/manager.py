@@ -125,6 +125,7 @@ class DiscardableMemoryManager:
         self._monitor: Any = None
         # Caches told of memory pressure, by id (a Mapping is unhashable), held weakly.
         self._caches: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+        self._caches_mutex = threading.Lock()  # registering while pressure lists the caches
         # lock/unlock durations for discache.metrics; None: not recorded (saves two clock reads)
         self.latency: Optional[dict[str, Any]] = None
         if record_latency:
@@ -392,7 +393,8 @@ class DiscardableMemoryManager:
     def register_cache(self, cache: Any) -> None:
         """Tell cache (weakly held) of memory pressure: its on_memory_pressure(level) runs before
         the manager purges, so that the entries it unlocks can be purged."""
-        self._caches[id(cache)] = cache
+        with self._caches_mutex:
+            self._caches[id(cache)] = cache
 
     def on_memory_pressure(self, level: str) -> int:
         """Moderate: caches unlock their idle entries, then purge down to half the limit;
@@ -400,7 +402,9 @@ class DiscardableMemoryManager:
         if level not in PRESSURE_LEVELS:
             raise ValueError(f"level must be one of {PRESSURE_LEVELS}, got {level!r}")
         # Outside the manager's lock: a cache takes its own lock first, then the manager's.
-        for cache in list(self._caches.values()):
+        with self._caches_mutex:
+            caches = list(self._caches.values())
+        for cache in caches:
             cache.on_memory_pressure(level)
         with self._lock_:
             self._drain_dropped()
