@@ -49,9 +49,14 @@ def test_demo_runs_end_to_end_and_its_numbers_add_up(backend, capsys):
 def test_the_reclaimed_share_is_what_gets_regenerated(share, purged):
     result = run_demo(12, OWN_SLAB_SIZE, "madvfree", reclaim=share, seed=3)
     assert result.consistent and result.corrupt == 0
-    assert result.chosen == result.purges_detected == result.regenerations == purged
-    assert result.pages_reclaimed == result.chosen_pages, "the kernel took every chosen page"
-    assert (result.chosen_pages > 0) == bool(purged)
+    assert result.chosen == purged
+    assert result.purges_detected == result.regenerations <= result.chosen
+    # MADV_PAGEOUT is best effort: the kernel may keep a page (one still in another CPU's batch
+    # of new pages, say). Never more than the chosen pages go, and a chosen bitmap survives
+    # only if the kernel kept every page of it: at most one survivor per page kept.
+    kept = result.chosen_pages - result.pages_reclaimed
+    assert 0 <= kept and result.chosen - result.purges_detected <= kept
+    assert (result.pages_reclaimed > 0) == bool(purged)
     assert result.unlocked == 12, "every bitmap went idle"
 
 
@@ -68,8 +73,11 @@ def test_bitmaps_the_kernel_took_before_the_reclaim_phase_count_as_purges():
     result = run_demo(12, OWN_SLAB_SIZE, "madvfree", seed=4, on_phase=on_phase)
     assert seen == ["generate PNGs", "decode into cache", "go idle", "kernel reclaim",
                     "access again", "verify"]
-    assert result.taken_early == 8 and result.chosen == 4
-    assert result.purges_detected == result.regenerations == 12 and result.hits == 0
+    # The kernel took the bitmaps before the phase pinned the spared ones (best effort: a bitmap
+    # whose every page it kept stays intact and is a hit).
+    assert result.chosen == 4 and 1 <= result.taken_early <= 8
+    assert result.purges_detected == result.regenerations == 12 - result.hits
+    assert result.hits <= 8 - result.taken_early + 4
     assert result.consistent and result.corrupt == 0
 
 
