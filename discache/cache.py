@@ -292,8 +292,9 @@ class DiscardableCache(CacheCore, MutableMapping):
         for key, value in state:
             try:
                 self[key] = value
-            except ValueError:  # larger than this cache's maxsize: not kept, as on a set
-                pass
+            except ValueError as exc:  # larger than this cache's maxsize: not kept, as on a set
+                if not _too_large(exc):
+                    raise
 
     # ------------------------------------------------------------------ beyond a mapping
 
@@ -313,7 +314,9 @@ class DiscardableCache(CacheCore, MutableMapping):
             self[key] = result
         except PinnedError:
             pass  # another thread stored the key meanwhile and is reading it: keep its value
-        except ValueError:
+        except ValueError as exc:
+            if not _too_large(exc):
+                raise
             with self.guard_:
                 self.too_large += 1
         return result
@@ -685,6 +688,11 @@ class DiscardableCache(CacheCore, MutableMapping):
 idle_clock = idle.clock
 
 
+def _too_large(exc: ValueError) -> bool:
+    """Whether a set refused the value for its size (every such refusal says so first)."""
+    return str(exc).startswith("value too large")
+
+
 def _release_slabs(slabs: set) -> None:
     """The finalizer of a cache dropped without close(): free its slabs' memory."""
     for slab in list(slabs):
@@ -779,7 +787,9 @@ def cached(cache: DiscardableCache, key: Callable[..., Hashable] = hashkey,
         def store(k: Hashable, value: Any) -> None:
             try:
                 cache[k] = value  # type: ignore[index]
-            except ValueError:  # too large: returned uncached, as cachetools does
+            except ValueError as exc:  # too large: returned uncached, as cachetools does
+                if not _too_large(exc):
+                    raise
                 cache.too_large += 1  # type: ignore[union-attr]
 
         if lock is None:

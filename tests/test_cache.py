@@ -625,3 +625,18 @@ def test_metrics_snapshot_follows_the_cache(backend):
     assert snap["locked_bytes"] == 10 * PAGE and snap["unlocked_bytes"] == 3 * 10 * PAGE
     manager = cache.manager.metrics_snapshot()
     assert manager["locks"]["purged"] == 1
+
+
+def test_cached_swallows_only_too_large():
+    """A ValueError that is not "too large" (a released memoryview returned) goes up."""
+    cache = make("madvfree")
+
+    @cached(cache)
+    def broken(n):
+        mv = memoryview(b"x" * n)
+        mv.release()
+        return mv
+
+    with pytest.raises(ValueError, match="released"):
+        broken(10)
+    assert len(cache) == 0 and cache.stats()["too_large"] == 0
