@@ -8,8 +8,8 @@ try:
     from Cython.Build import cythonize
 except ImportError:  # pragma: no cover - exercised only on a broken build environment
     sys.exit(
-        "discache: Cython >= 3 is required to build discache._core and discache.sim._sim "
-        "(pip installs it from pyproject.toml's build requirements; "
+        "discache: Cython >= 3 is required to build discache._core, discache._cache and "
+        "discache.sim._sim (pip installs it from pyproject.toml's build requirements; "
         "with --no-build-isolation, install it first: pip install 'Cython>=3')."
     )
 
