@@ -259,26 +259,27 @@ static int dc_reopen_private(int fd) {
     return open(path, O_RDWR | O_CLOEXEC);
 }
 
-/* Write-lock byte `at` (may lie past the end of the file) for fd's description, not waiting:
- * 0, or -1 with errno (EAGAIN/EACCES: another description holds it). */
+/* A write lock of the one byte `at` (it may lie past the end of the file). */
+static void dc_ofd_byte(struct flock *fl, uint64_t at) {
+    memset(fl, 0, sizeof *fl);
+    fl->l_type = F_WRLCK;
+    fl->l_whence = SEEK_SET;
+    fl->l_start = (off_t)at;
+    fl->l_len = 1;
+}
+
+/* Write-lock byte `at` for fd's description, not waiting: 0, or -1 with errno
+ * (EAGAIN/EACCES: another description holds it). */
 static int dc_ofd_lock_byte(int fd, uint64_t at) {
     struct flock fl;
-    memset(&fl, 0, sizeof fl);
-    fl.l_type = F_WRLCK;
-    fl.l_whence = SEEK_SET;
-    fl.l_start = (off_t)at;
-    fl.l_len = 1;
+    dc_ofd_byte(&fl, at);
     return fcntl(fd, F_OFD_SETLK, &fl);
 }
 
 /* Does another open file description hold a lock on byte `at`?  1 yes, 0 no, -1 with errno. */
 static int dc_ofd_byte_held(int fd, uint64_t at) {
     struct flock fl;
-    memset(&fl, 0, sizeof fl);
-    fl.l_type = F_WRLCK;
-    fl.l_whence = SEEK_SET;
-    fl.l_start = (off_t)at;
-    fl.l_len = 1;
+    dc_ofd_byte(&fl, at);
     if (fcntl(fd, F_OFD_GETLK, &fl) != 0)
         return -1;
     return fl.l_type != F_UNLCK;
