@@ -66,4 +66,5 @@ cdef class CacheCore:
     cdef int _write(self, Slab slab, Py_ssize_t slot, const char *data, Py_ssize_t size) except -1
     cdef int _evict_over(self, CacheEntry keep) except -1
     cdef int _dict_remove(self, CacheEntry entry) except -1
+    cdef int _remove_by_identity(self, CacheEntry entry) except -1
     cdef void _release_slot(self, CacheEntry entry) except *

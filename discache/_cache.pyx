@@ -367,10 +367,6 @@ cdef class CacheCore:
             e = e.next
         return e
 
-    def _link(self, CacheEntry entry) -> None:
-        """Put an entry at the most recently used end (it is not linked)."""
-        self._append(entry)
-
     cdef int _dict_remove(self, CacheEntry entry) except -1:
         """Take entry out of the dict.  A key whose __hash__ or __eq__ raises leaves everything
         as it was and the exception goes up; a key changed since it was stored (it no longer
@@ -379,8 +375,12 @@ cdef class CacheCore:
         if found == <PyObject *>entry:
             del self.entries_[entry.key]
             return 0
-        if not any(e is entry for e in self.entries_.values()):
-            return 0
+        if any(e is entry for e in self.entries_.values()):
+            self._remove_by_identity(entry)
+        return 0
+
+    cdef int _remove_by_identity(self, CacheEntry entry) except -1:
+        """Rebuild the dict without entry, never hashing or comparing its key."""
         kept = [(k, e) for k, e in self.entries_.items() if e is not entry]
         self.entries_.clear()
         for k, e in kept:
@@ -396,10 +396,7 @@ cdef class CacheCore:
         except Exception:
             if not force:
                 raise
-            kept = [(k, e) for k, e in self.entries_.items() if e is not entry]
-            self.entries_.clear()
-            for k, e in kept:
-                self.entries_[k] = e
+            self._remove_by_identity(entry)
         if entry.linked:
             self._unlink(entry)
         self.currsize_ -= entry.weight
@@ -600,10 +597,6 @@ cdef class CacheCore:
         else:
             slab.mem.write(PyBytes_FromStringAndSize(data, size), slot * slab.slot_size)
         return 0
-
-    def _free_slot(self, CacheEntry entry) -> None:
-        """Give an entry's slot back to its slab (the entry is out of the dict and the list)."""
-        self._release_slot(entry)
 
     cdef void _release_slot(self, CacheEntry entry) except *:
         cdef Slab slab = entry.slab

@@ -516,12 +516,16 @@ class DiscardableCache(CacheCore, MutableMapping):
         if slab.size_class < 0 or not slab.locked or slab.doomed:
             self._release_slab(slab)
 
-    def _release_slab(self, slab: Slab) -> None:
+    def _forget_slab(self, slab: Slab) -> None:
+        """Take a slab out of the cache's books (its memory stays until released)."""
         if slab.listed:
             self.partial_[slab.size_class].remove(slab)
             slab.listed = False
         self._locked_slabs.discard(slab)
         self._slabs.discard(slab)
+
+    def _release_slab(self, slab: Slab) -> None:
+        self._forget_slab(slab)
         slab.locked = False
         slab.forget_memory()
         slab.mem.close()
@@ -625,12 +629,8 @@ class DiscardableCache(CacheCore, MutableMapping):
             self.currsize_ = 0
             for slab in list(self._slabs):
                 if slab.pins:
-                    slab.doomed = True
-                    if slab.listed:
-                        self.partial_[slab.size_class].remove(slab)
-                        slab.listed = False
-                    self._locked_slabs.discard(slab)
-                    self._slabs.discard(slab)
+                    slab.doomed = True  # released when its last view goes
+                    self._forget_slab(slab)
                 else:
                     self._release_slab(slab)
             self.events_.clear()
