@@ -69,9 +69,10 @@ class Segment:
     nbytes: int
     kind: Literal["madvfree", "memfd", "ashmem"]
     sigbus: bool
+    shared: bool
     reclaim_attempts: int
     def __init__(self, npages: int, kind: Literal["madvfree", "memfd", "ashmem"] = "madvfree",
-                 sigbus: bool = False) -> None: ...
+                 sigbus: bool = False, fd: int = -1) -> None: ...
     @property
     def closed(self) -> bool: ...
     @property
