@@ -42,6 +42,7 @@ cdef class MadvFreeMemory(MappedMemory):
         self.locked = True
         if sigbus:
             self._register_userfaultfd()
+        if _tracing.active is not None: _tracing.active.allocate(self)
 
     def _register_userfaultfd(self):
         """Register the mapping for SIGBUS on missing pages, then map the zero page in them."""
@@ -146,6 +147,7 @@ cdef class MadvFreeMemory(MappedMemory):
             purged = dc_cookie_lock(self.base, self.npages, self.page, self.saved)
         self.locked = True
         self.purged_pages = purged
+        if _tracing.active is not None: _tracing.active.lock(self, purged)
         return purged == 0
 
     def unlock(self) -> None:
@@ -172,6 +174,7 @@ cdef class MadvFreeMemory(MappedMemory):
                 dc_cookie_lock(self.base, self.npages, self.page, self.saved)
             raise _oserror(err, "madvise(MADV_FREE)")
         self.locked = False
+        if _tracing.active is not None: _tracing.active.unlock(self)
 
     def close(self) -> None:
         """Unmap the memory (locked or not); calling it again does nothing."""
@@ -179,6 +182,7 @@ cdef class MadvFreeMemory(MappedMemory):
             return
         self._unmap()
         self._free_records()
+        if _tracing.active is not None: _tracing.active.close(self)
 
     def _purge(self) -> int:
         """Discard the pages now if unlocked (MADV_DONTNEED); returns how many were discarded."""
@@ -187,6 +191,7 @@ cdef class MadvFreeMemory(MappedMemory):
             return 0
         if madvise(self.base, self.mapped, MADV_DONTNEED) != 0:
             raise _oserror(errno, "madvise(MADV_DONTNEED)")
+        if _tracing.active is not None: _tracing.active.purge(self)
         return self.npages
 
     def _cold(self, bint even_locked=False, Py_ssize_t first=0, Py_ssize_t count=-1) -> None:
@@ -219,6 +224,7 @@ cdef class MadvFreeMemory(MappedMemory):
         gone, self.reclaim_attempts = reclaim_unlocked(
             lambda advice: self._advise(advice, False, first, count),
             lambda: self._resident_pages(first, count), count)
+        if _tracing.active is not None: _tracing.active.reclaim(self, gone)
         return gone
 
     cdef int _check_unlocked_access(self) except -1:

@@ -11,6 +11,7 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memmove, memset
 
 from discache.errors import PurgedError as _PurgedError, PurgedPageError as _PurgedPageError
+import discache.tracing as _tracing
 
 
 cdef class MappedMemory:
@@ -147,6 +148,7 @@ cdef class MappedMemory:
 
     cdef int _raise_purged(self, size_t address) except -1:
         cdef size_t page_address = address - address % self.page
+        if _tracing.active is not None: _tracing.active.detected(self, address - <size_t>self.base)
         raise _PurgedPageError(
             page_address, f"page at offset {page_address - <size_t>self.base} (address "
             f"{page_address:#x}) was purged while unlocked; lock() the memory and refill it")
@@ -159,6 +161,7 @@ cdef class MappedMemory:
         if size < 0 and offset >= 0 and offset <= self.nbytes:
             size = self.nbytes - offset
         self._check_access(offset, size)
+        if _tracing.active is not None: _tracing.active.access(self, offset, size, False)
         out = PyBytes_FromStringAndSize(NULL, size)
         dst = PyBytes_AS_STRING(out)
         if self.locked:
@@ -180,6 +183,7 @@ cdef class MappedMemory:
             if offset >= 0 and offset <= self.nbytes and size > self.nbytes - offset:
                 size = self.nbytes - offset
             self._check_access(offset, size)
+            if _tracing.active is not None: _tracing.active.access(self, offset, size, False)
             if self.locked:
                 memmove(target.buf, self.base + offset, size)
             else:
@@ -201,6 +205,7 @@ cdef class MappedMemory:
         try:
             size = source.len
             self._check_access(offset, size)
+            if _tracing.active is not None: _tracing.active.access(self, offset, size, True)
             if self.locked:
                 memmove(self.base + offset, source.buf, size)
             elif size:

@@ -6,7 +6,7 @@ import abc
 import threading
 from typing import Any, Optional, Protocol, runtime_checkable
 
-from . import _core, validate
+from . import _core, tracing, validate
 from .errors import PurgedError
 
 
@@ -160,6 +160,7 @@ class SpanMemory(DiscardableMemory):
         self._closed = False
         self._view: Optional[memoryview] = None  # handed out by .data during this lock
         self._buffer: Any = None  # the owner's buffer of the span during this lock
+        if tracing.active is not None: tracing.active.allocate(self)
 
     def __copy__(self) -> Any:
         raise TypeError(f"{type(self).__name__} cannot be copied: the copy would share the "
@@ -224,6 +225,7 @@ class SpanMemory(DiscardableMemory):
             lost = self.owner.lock_span(self)
             self._locked = True
             self.purged_pages = lost
+            if tracing.active is not None: tracing.active.lock(self, lost)
         return lost == 0
 
     def unlock(self) -> None:
@@ -232,6 +234,7 @@ class SpanMemory(DiscardableMemory):
             self.prepare_unlock()
             self.owner.unlock_span(self)
             self._locked = False
+            if tracing.active is not None: tracing.active.unlock(self)
 
     def prepare_unlock(self) -> None:
         """Refuse (BufferError, RuntimeError, ValueError) unless the memory can be unlocked now;
@@ -244,6 +247,7 @@ class SpanMemory(DiscardableMemory):
     def mark_unlocked(self) -> None:
         """The owner unlocked the span (a batch unlock, after prepare_unlock())."""
         self._locked = False
+        if tracing.active is not None: tracing.active.unlock(self)
 
     def close(self) -> None:
         """Free the memory; calling it again does nothing."""
@@ -254,6 +258,7 @@ class SpanMemory(DiscardableMemory):
             self.owner.close_span(self)
             self._closed = True
             self._locked = False
+            if tracing.active is not None: tracing.active.close(self)
 
     def _purge(self) -> int:
         """Discard the pages now if unlocked (a policy's purge); returns how many went."""
@@ -267,7 +272,9 @@ class SpanMemory(DiscardableMemory):
         # would have its pages freed again and paged out (the reclaim retries) while locked.
         with self.owner.mutex:
             self._check_open()
-            return 0 if self._locked else self.owner.reclaim_span(self)
+            gone = 0 if self._locked else self.owner.reclaim_span(self)
+            if tracing.active is not None and not self._locked: tracing.active.reclaim(self, gone)
+            return gone
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("locked" if self._locked else "unlocked")
@@ -319,6 +326,7 @@ class SpanMemory(DiscardableMemory):
         """Copy bytes out (locked only)."""
         self._check_locked()
         offset, size = self._range(offset, size)
+        if tracing.active is not None: tracing.active.access(self, offset, size, False)
         return bytes(self.data[offset:offset + size])
 
     def readinto(self, buffer: Any, offset: int = 0) -> int:
@@ -327,6 +335,7 @@ class SpanMemory(DiscardableMemory):
         with memoryview(buffer) as target, target.cast("B") as target:
             size = min(target.nbytes, max(self.nbytes - offset, 0))
             offset, size = self._range(offset, size)
+            if tracing.active is not None: tracing.active.access(self, offset, size, False)
             target[:size] = self.data[offset:offset + size]
         return size
 
@@ -335,6 +344,7 @@ class SpanMemory(DiscardableMemory):
         self._check_locked()
         with memoryview(data) as source, source.cast("B") as source:
             offset, size = self._range(offset, source.nbytes)
+            if tracing.active is not None: tracing.active.access(self, offset, size, True)
             self.data[offset:offset + size] = source
         return size
 
@@ -373,6 +383,7 @@ class SoleSpan:
     def purge_span(self, mem: SpanMemory) -> int:
         """Discard the pages now."""
         self.segment.discard_span(0, mem.npages)
+        if tracing.active is not None: tracing.active.purge(mem)
         return mem.npages
 
     def reclaim_span(self, mem: SpanMemory) -> int:
