@@ -179,12 +179,17 @@ class Recorder:
 
     def detected(self, mem: Any, offset: int) -> None:
         """An access to unlocked mem found the page at offset purged (SIGBUS mode): the kernel
-        took it before; the access is repeated after the `lost` line."""
+        took it before, so a `lost` line goes before the access."""
         span = self._span(mem)
-        page = offset // self.page
         span.taken = span.npages
+        access = self._lines[-1] if self._lines else ""
+        if access.startswith(("read ", "write ")) and access.split()[2] == span.name:
+            self._lines.pop()  # the access that faulted goes after the purge it found
+            self.events -= 1
+        else:
+            access = f"read {PROCESS} {span.name} {offset // self.page} 1"
         self._emit(f"lost {PROCESS} {span.name} 0 {span.npages}")
-        self._emit(f"read {PROCESS} {span.name} {page} 1")
+        self._emit(access)
 
 
 def start(path: str | os.PathLike) -> Recorder:
