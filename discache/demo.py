@@ -50,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "numbers until interrupted (Ctrl-C or SIGTERM), so that a scrape sees them")
     p.add_argument("--record", metavar="FILE",
                    help="record the run's discardable-memory traffic to FILE, a trace that "
-                        "`discache simulate --trace FILE` replays under every design")
+                        "discache simulate --trace FILE replays under every design")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars (drawn on standard error, only on a terminal anyway)")
     p.set_defaults(func=run, parser=p)
