@@ -53,6 +53,7 @@ class Tally:
     taken: int = 0  # lazily freed pages a forced reclaim took on both sides
     survived: int = 0  # lazily freed pages the real kernel kept through every retry
     retried: int = 0  # survivors of a first reclaim taken by a retry
+    forks: int = 0
 
     def merge(self, other: "Tally") -> None:
         """Add another tally (a forked child's) to this one."""
@@ -61,6 +62,7 @@ class Tally:
         self.taken += other.taken
         self.survived += other.survived
         self.retried += other.retried
+        self.forks += other.forks
 
 
 # ---------------------------------------------------------------------- one side each
@@ -259,6 +261,7 @@ def fork_step(pair: Pair, step: int, rng: random.Random) -> None:
               for _ in range(rng.randint(0, CHILD_STEPS - 1))]
     rng.shuffle(batch)
     pair.history.append(("fork", batch))
+    pair.tally.forks += 1
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: compare, report, leave without running any cleanup
@@ -322,12 +325,13 @@ def test_pages_read_back_the_same_on_the_simulator_and_the_kernel():
     tally = Tally()
     for seed in range(SEQUENCES):
         run_sequence(seed, tally)
-    print(f"\n{SEQUENCES} sequences, {tally.checks} page comparisons, {tally.taken} lazily freed "
+    print(f"\n{SEQUENCES} sequences, {tally.forks} forks, {tally.checks} page comparisons, "
+          f"{tally.taken} lazily freed "
           f"pages taken by forced reclaims, {tally.retried} after a retry, {tally.survived} kept "
           "by the kernel through every retry (best effort)")
     assert not tally.mismatches, (
         f"{len(tally.mismatches)} disagreements, the first: {tally.mismatches[:3]}")
-    assert tally.checks > SEQUENCES * STEPS
+    assert tally.checks > SEQUENCES * STEPS and tally.forks > SEQUENCES // 10
     # The sequences must reach the nondeterministic case, and forced reclaim must mostly work,
     # or the zeros side of the comparison was never exercised.
     assert tally.taken > 100
