@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import os
 import threading
+import warnings
 import weakref
 from collections import deque
 from typing import Any, Iterator, Optional
@@ -239,7 +240,13 @@ def start_from_environment() -> None:
     path = os.environ.get(ENVIRONMENT)
     if not path or active is not None:
         return
-    start(path.replace("{pid}", str(os.getpid())))
+    path = path.replace("{pid}", str(os.getpid()))
+    try:
+        start(path)
+    except OSError as error:  # the program runs on, unrecorded: say so, do not stop it
+        warnings.warn(f"{ENVIRONMENT}: cannot record to {path}: {error.strerror or error}",
+                      RuntimeWarning, stacklevel=2)
+        return
     atexit.register(stop)
 
 

@@ -197,6 +197,13 @@ def test_discache_trace_records_a_whole_program(tmp_path):
     assert [w[0] for w in lines(written)] == ["spawn", "mmap", "write", "unlock", "pageout",
                                               "lock", "munmap"]
     assert replay(written).purged_locks == 1
+    unwritable = subprocess.run(
+        [sys.executable, "-c", "import discache; print(discache.tracing.active)"],
+        capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT),
+             "DISCACHE_TRACE": str(tmp_path / "no" / "such" / "dir.trace")})
+    assert unwritable.returncode == 0 and unwritable.stdout.strip() == "None"
+    assert "DISCACHE_TRACE: cannot record to" in unwritable.stderr
 
 
 # ---------------------------------------------------------------------- replay
