@@ -49,14 +49,13 @@ class Recorder:
         self._lines: deque[str] = deque()
         self._spans: dict[int, _Span] = {}  # id(memory) -> its record, while it lives
         self._serial = itertools.count(1)
-        self._flushing = threading.Lock()
+        self._flushing = threading.RLock()  # a collection may emit (and flush) mid-flush
         self.events = 0
         from . import __version__, _core
 
         self.page = _core.page_size()
-
-        self._emit(f"# discache {__version__} trace, pid {self.pid}, page "
-                   f"{_core.page_size()} bytes; sizes in pages (docs/sim.md)")
+        self._emit(f"# discache {__version__} trace, pid {self.pid}, page {self.page} bytes; "
+                   "sizes in pages (docs/sim.md)")
         self._emit(f"spawn {PROCESS}")
 
     # ------------------------------------------------------------ output
