@@ -4,7 +4,6 @@ cdef class DiscardableMemory:
                                     # the memory is a segment of one span
     cdef object segment_            # the segment holding the span
     cdef Segment seg                # the same, when it is a compiled Segment (else None)
-    cdef object mutex               # what state changes happen under (None: the GIL suffices)
     cdef readonly Py_ssize_t first
     cdef readonly Py_ssize_t npages
     cdef readonly Py_ssize_t nbytes
@@ -20,6 +19,7 @@ cdef class DiscardableMemory:
     cdef object __weakref__
     cdef dict __dict__              # a caller's own attributes, as on any Python object
 
+    cdef object _mutex(self)
     cdef int _check_open(self) except -1
     cdef int _check_locked(self) except -1
     cdef object _exporter(self)

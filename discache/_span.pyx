@@ -5,8 +5,6 @@
 # span, which the memory drives directly (compiled, no Python call on the way to the system call).
 # Included by _core.pyx; declared in _span.pxd.
 
-import threading as _threading
-
 from cpython.buffer cimport (
     PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBuffer,
 )
@@ -27,7 +25,7 @@ cdef class DiscardableMemory:
         if isinstance(segment, Segment):
             self.seg = <Segment>segment
             self.seg._check_span(first, npages)
-        elif getattr(segment, "claim_span", None) is None:
+        elif getattr(segment, "claim_span", None) is None or not hasattr(segment, "mutex"):
             raise TypeError(f"a DiscardableMemory is a span of a segment, not of a "
                             f"{type(segment).__name__}; use discache.allocate()")
         if npages <= 0 or nbytes <= 0 or nbytes > npages * page_size():
@@ -39,10 +37,6 @@ cdef class DiscardableMemory:
         self.nbytes = nbytes
         self.ticket = ticket
         self.backend = backend if backend is not None else owner.backend
-        if owner is not None:
-            self.mutex = owner.mutex
-        elif self.seg is None:
-            self.mutex = _threading.RLock()  # a Python segment (simulated) may switch threads
         self.locked = True
         if _tracing.active is not None: _tracing.active.allocate(self)
 
@@ -96,6 +90,11 @@ cdef class DiscardableMemory:
         """Rounds the last forced reclaim of a madvfree segment needed."""
         return self.seg.reclaim_attempts if self.seg is not None else 0
 
+    cdef object _mutex(self):
+        """The lock of a manager's span (the manager's) or of a Python segment's (simulated),
+        asked each time: a forked child makes itself new ones."""
+        return self.owner.mutex if self.owner is not None else self.segment_.mutex
+
     cdef int _check_open(self) except -1:
         if self.closed_:
             raise ValueError("discardable memory is closed")
@@ -113,9 +112,9 @@ cdef class DiscardableMemory:
 
     def lock(self) -> bool:
         """Lock; True if intact, False if anything was purged (contents undefined: refill)."""
-        if self.mutex is None:
+        if self.owner is None and self.seg is not None:
             return self._lock_now() == 1
-        with self.mutex:
+        with self._mutex():
             return self._lock_now() == 1
 
     cdef int _lock_now(self) except -1:
@@ -137,10 +136,10 @@ cdef class DiscardableMemory:
     def unlock(self) -> None:
         """Unlock: the kernel or a policy may now discard the memory; .data is unusable until
         the next lock()."""
-        if self.mutex is None:
+        if self.owner is None and self.seg is not None:
             self._unlock_now()
             return
-        with self.mutex:
+        with self._mutex():
             self._unlock_now()
 
     cdef int _unlock_now(self) except -1:
@@ -174,10 +173,10 @@ cdef class DiscardableMemory:
 
     def close(self) -> None:
         """Free the memory (locked or not); calling it again does nothing."""
-        if self.mutex is None:
+        if self.owner is None and self.seg is not None:
             self._close_now()
             return
-        with self.mutex:
+        with self._mutex():
             self._close_now()
 
     def _close_now(self):
@@ -196,9 +195,9 @@ cdef class DiscardableMemory:
 
     def _purge(self) -> int:
         """Discard the pages now if unlocked (a policy's purge); returns how many went."""
-        if self.mutex is None:
+        if self.owner is None and self.seg is not None:
             return self._purge_now()
-        with self.mutex:
+        with self._mutex():
             return self._purge_now()
 
     def _purge_now(self):
@@ -224,13 +223,13 @@ cdef class DiscardableMemory:
             count = self.npages - first
         if first < 0 or count <= 0 or first + count > self.npages:
             raise ValueError(f"pages [{first}, {first}+{count}) are outside the memory")
-        if self.mutex is not None:
+        if self.owner is not None or self.seg is None:
             if count != self.npages:
                 raise ValueError(f"a {self.backend} span is reclaimed whole, not pages "
                                  f"[{first}, {first}+{count})")
             # Under the owner's lock: a lock() from another thread in the middle of the reclaim
             # would have its pages freed again and paged out (the reclaim retries) while locked.
-            with self.mutex:
+            with self._mutex():
                 self._check_open()
                 if self.locked:
                     return 0
@@ -261,9 +260,9 @@ cdef class DiscardableMemory:
                 return view
             except ValueError:  # the caller released it (`with mem.data as v:`)
                 pass
-        if self.mutex is None:
+        if self.owner is None and self.seg is not None:
             return self._new_view()
-        with self.mutex:  # an unlock() in another thread must not come in between
+        with self._mutex():  # an unlock() in another thread must not come in between
             return self._new_view()
 
     def _new_view(self):
@@ -287,8 +286,8 @@ cdef class DiscardableMemory:
     def __getbuffer__(self, Py_buffer *buffer, int flags):
         # The view's owner is the exporter, not the memory: a dropped memory is collected while
         # views live, and its owner waits for them before handing the span out again.
-        if self.mutex is not None:
-            with self.mutex:
+        if self.owner is not None or self.seg is None:
+            with self._mutex():
                 self._check_locked()
                 PyObject_GetBuffer(self._exporter(), buffer, flags)
         else:
