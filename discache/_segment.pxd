@@ -17,6 +17,8 @@ cdef class Segment:
     cdef uint8_t *lost              # memfd: pages discarded by discard_span since their last lock
     cdef unsigned char *residency   # SIGBUS mode: a mincore vector of npages
     cdef Py_ssize_t exports         # live buffers of the mapping: close() waits for them
+    cdef readonly bint shared       # memfd: a file mapped by other processes too (not re-owned
+                                    # by a forked child)
     cdef bint orphaned              # a forked child without a memfd of its own: pages all lost
     cdef bint busy                  # a page loop runs without the GIL: other calls must wait
     cdef readonly int reclaim_attempts  # rounds the last reclaim_span needed
@@ -32,6 +34,7 @@ cdef class Segment:
     cdef int _check_open(self) except -1
     cdef Py_ssize_t _lock(self, Py_ssize_t first, Py_ssize_t count) except -1
     cdef int _unlock(self, Py_ssize_t first, Py_ssize_t count) except -1
+    cdef int _punch(self, Py_ssize_t first, Py_ssize_t count) noexcept nogil
     cdef int _drop(self, Py_ssize_t first, Py_ssize_t count, uint8_t lost) except -1
     cdef int _check_unlocked_access(self) except -1
     cdef bint _copy_data_into(self, int fd) noexcept

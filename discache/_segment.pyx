@@ -64,7 +64,7 @@ _os.register_at_fork(after_in_child=_own_segments_after_fork)
 cdef class Segment:
     """npages of discardable memory whose page spans lock and unlock independently; all locked."""
 
-    def __cinit__(self, npages, str kind="madvfree", bint sigbus=False):
+    def __cinit__(self, npages, str kind="madvfree", bint sigbus=False, int fd=-1):
         cdef Py_ssize_t n
         cdef int err
         self.fd = -1
@@ -74,13 +74,31 @@ cdef class Segment:
             raise ValueError(f"segment kind must be one of {SEGMENT_KINDS}, got {kind!r}")
         if sigbus and kind != "madvfree":
             raise ValueError(f"sigbus=True needs a madvfree segment, not {kind!r}")
+        if fd >= 0 and kind != "memfd":
+            raise ValueError(f"only a memfd segment maps a file it is given, not {kind!r}")
         n = _validate.size(npages, "npages", (1 << 40) // self.page)
         self.kind = kind
         self.code = SEGMENT_KINDS.index(kind)
         self.sigbus = sigbus
         self.npages = n
         self.nbytes = n * self.page
-        if self.code == KIND_MEMFD:
+        if fd >= 0:
+            # Shared between processes (DiscardableSharedMemory): the caller made and sized the
+            # file; the segment maps it through a descriptor of its own and stays shared across
+            # fork().
+            self.shared = True
+            self.fd = dup(fd)
+            if self.fd < 0:
+                raise ValueError(f"fd {fd} is not an open file descriptor: "
+                                 f"{_os.strerror(errno)}")
+            self.base = <char *>mmap(NULL, self.nbytes, PROT_READ | PROT_WRITE, MAP_SHARED,
+                                     self.fd, 0)
+            if self.base == <char *>MAP_FAILED and errno == EACCES:
+                self.base = NULL  # opened read-only (e.g. /proc/PID/fd/N with O_RDONLY)
+                raise ValueError("fd is not open for reading and writing: a discache shared "
+                                 "segment must be mapped read-write")
+            self.lost = <uint8_t *>calloc(n, 1)
+        elif self.code == KIND_MEMFD:
             self.fd = memfd_create(b"discache-segment", MFD_CLOEXEC)
             if self.fd < 0:
                 raise _oserror(errno, "memfd_create")
@@ -108,7 +126,7 @@ cdef class Segment:
             raise MemoryError(f"cannot map {self.nbytes} bytes: {_os.strerror(err)}")
         if self.saved == NULL and self.lost == NULL and not sigbus:
             raise MemoryError("cannot allocate a segment's page records")
-        if self.code == KIND_MEMFD:
+        if self.code == KIND_MEMFD and not self.shared:
             _SHARED_SEGMENTS.add(self)
         if sigbus:
             self._register_userfaultfd()
@@ -414,12 +432,17 @@ cdef class Segment:
         if self.orphaned:
             if madvise(self.base + first * self.page, count * self.page, MADV_DONTNEED) != 0:
                 raise _oserror(errno, "madvise(MADV_DONTNEED)")
-        elif fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                       first * self.page, count * self.page) != 0:
+        elif self._punch(first, count) != 0:
             raise _oserror(errno, "fallocate(PUNCH_HOLE)")
         for i in range(first, first + count):
             self.lost[i] = lost or self.orphaned
         return 0
+
+    cdef int _punch(self, Py_ssize_t first, Py_ssize_t count) noexcept nogil:
+        """Punch pages [first, first+count) out of the memfd (they read back as zeros, in every
+        process mapping it); 0, or -1 with errno.  Runs without the GIL."""
+        return fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                         first * self.page, count * self.page)
 
     def reclaim_span(self, Py_ssize_t first, Py_ssize_t count) -> int:
         """Make the kernel discard the span's unlocked pages now; returns how many are gone.
