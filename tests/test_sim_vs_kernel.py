@@ -104,19 +104,18 @@ def describe(page: bytes) -> str:
 # ---------------------------------------------------------------------- the sequences
 
 
-def random_op(rng: random.Random, regions: dict[int, Region], in_child: bool = False) -> tuple:
+def random_op(rng: random.Random, regions: dict[int, Region]) -> tuple:
     """One operation that applies to the current regions."""
     live = sorted(regions)
     free_slots = [s for s in range(SLOTS) if s not in regions]
-    if not live or (free_slots and not in_child and rng.random() < 0.12):
+    if not live or (free_slots and rng.random() < 0.12):
         return ("mmap", rng.choice(free_slots), rng.randint(1, MAX_PAGES))
     slot = rng.choice(live)
     npages = regions[slot].npages
     first = rng.randrange(npages)
     count = rng.randint(1, npages - first)
     kinds = ["write"] * 6 + ["read"] * 2 + ["free"] * 5 + ["dontneed"] * 2 + ["reclaim"] * 4
-    if not in_child:
-        kinds += ["munmap"]
+    kinds += ["munmap"]
     kind = rng.choice(kinds)
     if kind == "write":
         whole = rng.random() < 0.5
@@ -256,10 +255,17 @@ def fork_step(pair: Pair, step: int, rng: random.Random) -> None:
     reporting by pipe; the parent then runs the same steps on the simulated child, which exits,
     and compares its own pages."""
     child_regions = {slot: Region(r.real, r.addr, r.npages) for slot, r in pair.regions.items()}
-    batch = [("write", *random_op_write(rng, child_regions))]
-    batch += [random_op(rng, child_regions, in_child=True)
-              for _ in range(rng.randint(0, CHILD_STEPS - 1))]
-    rng.shuffle(batch)
+    # The child's steps, drawn ahead (the parent replays them on its simulated child): a write,
+    # then any steps, its own mmap and munmap of shared regions among them.
+    shape = {slot: Region(None, 0, r.npages) for slot, r in child_regions.items()}
+    batch = [("write", *random_op_write(rng, shape))]
+    for _ in range(rng.randint(0, CHILD_STEPS - 1)):
+        op = random_op(rng, shape)
+        if op[0] == "mmap":
+            shape[op[1]] = Region(None, 0, op[2])
+        elif op[0] == "munmap":
+            del shape[op[1]]
+        batch.append(op)
     pair.history.append(("fork", batch))
     pair.tally.forks += 1
     read_end, write_end = os.pipe()
