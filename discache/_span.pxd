@@ -29,3 +29,4 @@ cdef class DiscardableMemory:
     cdef int _release_views(self) except -1
     cdef int _check_access(self, Py_ssize_t offset, Py_ssize_t size) except -1
     cdef int _raise_purged(self, size_t address) except -1
+    cdef Py_ssize_t _own_pages(self, Py_ssize_t first, Py_ssize_t count, str what) except -1

@@ -430,15 +430,21 @@ cdef class DiscardableMemory:
 
     # ---------------------------------------------------------------- for tests and reclaim
 
-    def _resident_pages(self, Py_ssize_t first=0, Py_ssize_t count=-1) -> int:
-        """How many of the span's pages [first, first+count) (-1: to the end) are resident."""
+    cdef Py_ssize_t _own_pages(self, Py_ssize_t first, Py_ssize_t count, str what) except -1:
+        """count (-1: to the end) of pages [first, first+count) of the span, checked to be in it
+        and in a mapping of the span's own (not simulated)."""
         self._check_open()
         if count < 0:
             count = self.npages - first
         if first < 0 or count < 0 or first + count > self.npages:
             raise ValueError(f"pages [{first}, {first}+{count}) are outside the memory")
         if self.seg is None:
-            raise TypeError(f"a {self.backend} span has no pages of its own to count")
+            raise TypeError(f"a {self.backend} span has no mapping of its own to {what}")
+        return count
+
+    def _resident_pages(self, Py_ssize_t first=0, Py_ssize_t count=-1) -> int:
+        """How many of the span's pages [first, first+count) (-1: to the end) are resident."""
+        count = self._own_pages(first, count, "count pages in")
         return self.seg.resident_pages(self.first + first, count) if count else 0
 
     def _cold(self, bint even_locked=False, Py_ssize_t first=0, Py_ssize_t count=-1) -> None:
@@ -450,13 +456,7 @@ cdef class DiscardableMemory:
         self._advise(MADV_PAGEOUT, even_locked, first, count)
 
     def _advise(self, int advice, bint even_locked, Py_ssize_t first, Py_ssize_t count):
-        self._check_open()
-        if count < 0:
-            count = self.npages - first
-        if first < 0 or count < 0 or first + count > self.npages:
-            raise ValueError(f"pages [{first}, {first}+{count}) are outside the memory")
-        if self.seg is None:
-            raise TypeError(f"a {self.backend} span cannot be advised")
+        count = self._own_pages(first, count, "advise")
         if (even_locked or not self.locked) and count:
             self.seg._advise(advice, self.first + first, count)
 
