@@ -17,6 +17,7 @@ cdef class Segment:
     cdef uint8_t *lost              # memfd: pages discarded by discard_span since their last lock
     cdef unsigned char *residency   # SIGBUS mode: a mincore vector of npages
     cdef Py_ssize_t exports         # live buffers of the mapping: close() waits for them
+    cdef Py_ssize_t claimed         # pages handed out as spans: close() refuses while any are
     cdef readonly bint shared       # memfd: a file mapped by other processes too (not re-owned
                                     # by a forked child)
     cdef bint orphaned              # a forked child without a memfd of its own: pages all lost
@@ -30,6 +31,7 @@ cdef class Segment:
     cdef int _register(self) except -1
     cdef void _register_after_fork(self) noexcept
     cdef void _close_files(self) noexcept
+    cdef int _unmap(self) except -1
     cdef int _check_span(self, Py_ssize_t first, Py_ssize_t count) except -1
     cdef int _check_open(self) except -1
     cdef Py_ssize_t _lock(self, Py_ssize_t first, Py_ssize_t count) except -1

@@ -409,11 +409,13 @@ cdef class Segment:
         elif self.code == KIND_ASHMEM and dc_ashmem_pin(self.fd, DC_ASHMEM_PIN, first * self.page,
                                                         count * self.page) < 0:
             raise _oserror(errno, "ASHMEM_PIN")
+        self.claimed += count
 
     def release_span(self, Py_ssize_t first, Py_ssize_t count) -> None:
         """Give a freed span's pages back to the kernel (MADV_DONTNEED / punch hole)."""
         self._check_span(first, count)
         self._drop(first, count, 0)
+        self.claimed -= count
 
     cdef int _drop(self, Py_ssize_t first, Py_ssize_t count, uint8_t lost) except -1:
         """Free the pages (they read back as zeros, or fault in SIGBUS mode); memfd: record them
@@ -528,9 +530,18 @@ cdef class Segment:
         return self.fd
 
     def close(self) -> None:
-        """Unmap the segment; refused while buffers of it live. Calling it again does nothing."""
+        """Unmap the segment; refused while buffers of it live or spans of it are handed out
+        (close those: a DiscardableMemory of its own segment closes it). Calling it again does
+        nothing."""
+        if self.base != NULL and self.claimed:
+            raise RuntimeError(f"{self.claimed} pages of the segment are handed out as "
+                               "discardable memory: close the memory instead")
+        self._unmap()
+
+    cdef int _unmap(self) except -1:
+        """close() without the check of spans handed out: the memory of a segment of one span."""
         if self.base == NULL:
-            return
+            return 0
         if self.busy:
             raise RuntimeError("discardable memory is in use by another thread")
         if self.exports:
@@ -538,6 +549,7 @@ cdef class Segment:
         munmap(self.base, self.nbytes)
         self.base = NULL
         self._close_files()
+        return 0
 
     def __repr__(self) -> str:
         state = "closed" if self.base == NULL else f"{self.npages} pages"

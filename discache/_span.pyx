@@ -98,6 +98,8 @@ cdef class DiscardableMemory:
     cdef int _check_open(self) except -1:
         if self.closed_:
             raise ValueError("discardable memory is closed")
+        if self.seg is not None and self.seg.base == NULL:
+            raise ValueError("discardable memory is closed: its segment was unmapped")
         if self.seg is not None and self.seg.busy:
             raise RuntimeError("discardable memory is in use by another thread")
         return 0
@@ -187,6 +189,8 @@ cdef class DiscardableMemory:
         self._release_views()
         if self.owner is not None:
             self.owner.close_span(self)
+        elif self.seg is not None:
+            self.seg._unmap()
         else:
             self.segment_.close()
         self.closed_ = True

@@ -589,3 +589,25 @@ def test_fork_while_another_thread_uses_simulated_memory():
         mem.close()
 
     fork_repeatedly(busy)
+
+
+@pytest.mark.parametrize("standalone", [False, True], ids=["manager", "allocate"])
+@pytest.mark.parametrize("backend", [b for b in ("madvfree", "madvfree-sigbus", "memfd")
+                                     if b in STANDALONE_BACKENDS])
+def test_closing_the_segment_under_its_memory_is_refused(backend, standalone):
+    """mem.segment is reachable: closing it would unmap pages the memory (and a cache's compiled
+    hit path) still reads.  Refused while any span of it is handed out, nothing changed."""
+    if standalone:
+        mem = discache.allocate(PAGE, backend)
+    elif backend == "madvfree-sigbus":
+        pytest.skip("a manager does not take SIGBUS mode (tested in test_sigbus_misuse.py)")
+    else:
+        mem = DiscardableMemoryManager(1 << 22, backend).allocate(PAGE)
+    mem.write(b"kept")
+    with pytest.raises(RuntimeError, match="close the memory instead"):
+        mem.segment.close()
+    assert mem.read(0, 4) == b"kept" and not mem.segment.closed
+    mem.unlock()
+    assert mem.lock() in (True, False)
+    mem.close()
+    assert mem.segment is None
