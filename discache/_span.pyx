@@ -12,6 +12,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.string cimport memmove
 
 from discache.errors import PurgedError as _PurgedError, PurgedPageError as _PurgedPageError
+import discache.tracing as _tracing
 
 
 cdef class DiscardableMemory:
@@ -37,6 +38,7 @@ cdef class DiscardableMemory:
         self.ticket = ticket
         self.backend = backend if backend is not None else owner.backend
         self.locked = True
+        if _tracing.active is not None: _tracing.active.allocate(self)
 
     def __copy__(self):
         raise TypeError(f"{type(self).__name__} cannot be copied: the copy would share the "
@@ -130,6 +132,7 @@ cdef class DiscardableMemory:
             lost = self.segment_.lock_span(self.first, self.npages)
         self.locked = True
         self.purged_pages = lost
+        if _tracing.active is not None: _tracing.active.lock(self, lost)
         return lost == 0
 
     def unlock(self) -> None:
@@ -150,6 +153,7 @@ cdef class DiscardableMemory:
         else:
             self.segment_.unlock_span(self.first, self.npages)
         self.locked = False
+        if _tracing.active is not None: _tracing.active.unlock(self)
         return 0
 
     def prepare_unlock(self) -> None:
@@ -167,6 +171,7 @@ cdef class DiscardableMemory:
     def mark_unlocked(self) -> None:
         """The owner unlocked the span (a batch unlock, after prepare_unlock())."""
         self.locked = False
+        if _tracing.active is not None: _tracing.active.unlock(self)
 
     def close(self) -> None:
         """Free the memory (locked or not); calling it again does nothing."""
@@ -190,6 +195,7 @@ cdef class DiscardableMemory:
             self.segment_.close()
         self.closed_ = True
         self.locked = False
+        if _tracing.active is not None: _tracing.active.close(self)
 
     def _purge(self) -> int:
         """Discard the pages now if unlocked (a policy's purge); returns how many went."""
@@ -205,12 +211,18 @@ cdef class DiscardableMemory:
         if self.owner is not None:
             return self.owner.purge_span(self)
         self.segment_.discard_span(self.first, self.npages)
+        if _tracing.active is not None: _tracing.active.purge(self)
         return self.npages
 
     def _force_reclaim(self, Py_ssize_t first=0, Py_ssize_t count=-1) -> int:
         """Make the kernel reclaim pages [first, first+count) of the span (-1: to the end) now
         if unlocked (discache.force_reclaim); returns how many are gone.  A manager's span and
         a simulated one are reclaimed whole."""
+        gone = self._reclaim_now(first, count)
+        if _tracing.active is not None and not self.locked: _tracing.active.reclaim(self, gone)
+        return gone
+
+    def _reclaim_now(self, Py_ssize_t first, Py_ssize_t count) -> int:
         if count < 0:
             count = self.npages - first
         if first < 0 or count <= 0 or first + count > self.npages:
@@ -319,6 +331,7 @@ cdef class DiscardableMemory:
     cdef int _raise_purged(self, size_t address) except -1:
         cdef size_t page_address = address - address % self.seg.page
         cdef size_t start = <size_t>(self.seg.base + self.first * self.seg.page)
+        if _tracing.active is not None: _tracing.active.detected(self, address - start)
         raise _PurgedPageError(
             page_address, f"page at offset {page_address - start} (address "
             f"{page_address:#x}) was purged while unlocked; lock() the memory and refill it")
@@ -331,6 +344,7 @@ cdef class DiscardableMemory:
         if size < 0 and offset >= 0 and offset <= self.nbytes:
             size = self.nbytes - offset
         self._check_access(offset, size)
+        if _tracing.active is not None: _tracing.active.access(self, offset, size, False)
         if self.locked:
             if self.seg is None:
                 with memoryview(self._exporter()) as whole:
@@ -357,6 +371,7 @@ cdef class DiscardableMemory:
             if offset >= 0 and offset <= self.nbytes and size > self.nbytes - offset:
                 size = self.nbytes - offset
             self._check_access(offset, size)
+            if _tracing.active is not None: _tracing.active.access(self, offset, size, False)
             if self.locked and self.seg is None:
                 with memoryview(self._exporter()) as whole:
                     memoryview(buffer).cast("B")[:size] = whole[offset:offset + size]
@@ -383,6 +398,7 @@ cdef class DiscardableMemory:
         try:
             size = source.len
             self._check_access(offset, size)
+            if _tracing.active is not None: _tracing.active.access(self, offset, size, True)
             if self.locked and self.seg is None:
                 with memoryview(self._exporter()) as whole:
                     whole[offset:offset + size] = memoryview(data).cast("B")
