@@ -12,7 +12,17 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.string cimport memmove
 
 from discache.errors import PurgedError as _PurgedError, PurgedPageError as _PurgedPageError
-import discache.tracing as _tracing
+
+
+# discache.tracing's recorder while a trace is recorded, else None: a C global, so that a hook
+# costs one pointer comparison (set through _set_recorder by discache.tracing alone).
+cdef object _recorder = None
+
+
+def _set_recorder(recorder) -> None:
+    """Where DiscardableMemory reports its events (discache.tracing), or None."""
+    global _recorder
+    _recorder = recorder
 
 
 cdef class DiscardableMemory:
@@ -38,7 +48,7 @@ cdef class DiscardableMemory:
         self.ticket = ticket
         self.backend = backend if backend is not None else owner.backend
         self.locked = True
-        if _tracing.active is not None: _tracing.active.allocate(self)
+        if _recorder is not None: _recorder.allocate(self)
 
     def __copy__(self):
         raise TypeError(f"{type(self).__name__} cannot be copied: the copy would share the "
@@ -132,7 +142,7 @@ cdef class DiscardableMemory:
             lost = self.segment_.lock_span(self.first, self.npages)
         self.locked = True
         self.purged_pages = lost
-        if _tracing.active is not None: _tracing.active.lock(self, lost)
+        if _recorder is not None: _recorder.lock(self, lost)
         return lost == 0
 
     def unlock(self) -> None:
@@ -153,7 +163,7 @@ cdef class DiscardableMemory:
         else:
             self.segment_.unlock_span(self.first, self.npages)
         self.locked = False
-        if _tracing.active is not None: _tracing.active.unlock(self)
+        if _recorder is not None: _recorder.unlock(self)
         return 0
 
     def prepare_unlock(self) -> None:
@@ -171,7 +181,7 @@ cdef class DiscardableMemory:
     def mark_unlocked(self) -> None:
         """The owner unlocked the span (a batch unlock, after prepare_unlock())."""
         self.locked = False
-        if _tracing.active is not None: _tracing.active.unlock(self)
+        if _recorder is not None: _recorder.unlock(self)
 
     def close(self) -> None:
         """Free the memory (locked or not); calling it again does nothing."""
@@ -195,7 +205,7 @@ cdef class DiscardableMemory:
             self.segment_.close()
         self.closed_ = True
         self.locked = False
-        if _tracing.active is not None: _tracing.active.close(self)
+        if _recorder is not None: _recorder.close(self)
 
     def _purge(self) -> int:
         """Discard the pages now if unlocked (a policy's purge); returns how many went."""
@@ -211,7 +221,7 @@ cdef class DiscardableMemory:
         if self.owner is not None:
             return self.owner.purge_span(self)
         self.segment_.discard_span(self.first, self.npages)
-        if _tracing.active is not None: _tracing.active.purge(self)
+        if _recorder is not None: _recorder.purge(self)
         return self.npages
 
     def _force_reclaim(self, Py_ssize_t first=0, Py_ssize_t count=-1) -> int:
@@ -219,7 +229,7 @@ cdef class DiscardableMemory:
         if unlocked (discache.force_reclaim); returns how many are gone.  A manager's span and
         a simulated one are reclaimed whole."""
         gone = self._reclaim_now(first, count)
-        if _tracing.active is not None and not self.locked: _tracing.active.reclaim(self, gone)
+        if _recorder is not None and not self.locked: _recorder.reclaim(self, gone)
         return gone
 
     def _reclaim_now(self, Py_ssize_t first, Py_ssize_t count) -> int:
@@ -331,7 +341,7 @@ cdef class DiscardableMemory:
     cdef int _raise_purged(self, size_t address) except -1:
         cdef size_t page_address = address - address % self.seg.page
         cdef size_t start = <size_t>(self.seg.base + self.first * self.seg.page)
-        if _tracing.active is not None: _tracing.active.detected(self, address - start)
+        if _recorder is not None: _recorder.detected(self, address - start)
         raise _PurgedPageError(
             page_address, f"page at offset {page_address - start} (address "
             f"{page_address:#x}) was purged while unlocked; lock() the memory and refill it")
@@ -344,7 +354,7 @@ cdef class DiscardableMemory:
         if size < 0 and offset >= 0 and offset <= self.nbytes:
             size = self.nbytes - offset
         self._check_access(offset, size)
-        if _tracing.active is not None: _tracing.active.access(self, offset, size, False)
+        if _recorder is not None: _recorder.access(self, offset, size, False)
         if self.locked:
             if self.seg is None:
                 with memoryview(self._exporter()) as whole:
@@ -371,7 +381,7 @@ cdef class DiscardableMemory:
             if offset >= 0 and offset <= self.nbytes and size > self.nbytes - offset:
                 size = self.nbytes - offset
             self._check_access(offset, size)
-            if _tracing.active is not None: _tracing.active.access(self, offset, size, False)
+            if _recorder is not None: _recorder.access(self, offset, size, False)
             if self.locked and self.seg is None:
                 with memoryview(self._exporter()) as whole:
                     memoryview(buffer).cast("B")[:size] = whole[offset:offset + size]
@@ -398,7 +408,7 @@ cdef class DiscardableMemory:
         try:
             size = source.len
             self._check_access(offset, size)
-            if _tracing.active is not None: _tracing.active.access(self, offset, size, True)
+            if _recorder is not None: _recorder.access(self, offset, size, True)
             if self.locked and self.seg is None:
                 with memoryview(self._exporter()) as whole:
                     whole[offset:offset + size] = memoryview(data).cast("B")

@@ -192,21 +192,29 @@ class Recorder:
         self._emit(access)
 
 
+def _publish(recorder: Optional["Recorder"]) -> None:
+    """Make recorder the one the library reports to (the compiled memory keeps its own copy)."""
+    global active
+    from . import _core
+
+    active = recorder
+    _core._set_recorder(recorder)
+
+
 def start(path: str | os.PathLike) -> Recorder:
     """Start recording this process's discardable memory to path."""
-    global active
     with _switch:
         if active is not None:
             raise RuntimeError(f"already recording a trace to {active.path}")
-        active = Recorder(path)
+        _publish(Recorder(path))
         return active
 
 
 def stop() -> Optional[Recorder]:
     """Stop recording; the file is complete.  Returns the recorder (None if none ran)."""
-    global active
     with _switch:
-        recorder, active = active, None
+        recorder = active
+        _publish(None)
     if recorder is not None:
         recorder.finish()
     return recorder
@@ -226,8 +234,7 @@ def record_trace(path: str | os.PathLike) -> Iterator[Recorder]:
 
 def _forget_in_child() -> None:
     # The parent records; a forked child is another process, not in its trace.
-    global active
-    active = None
+    _publish(None)
 
 
 os.register_at_fork(after_in_child=_forget_in_child)
