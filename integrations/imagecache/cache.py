@@ -1,6 +1,7 @@
 """ImageCache: decoded PIL images in discardable memory, rebuilt when the kernel took them."""
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import warnings
@@ -51,9 +52,13 @@ class ImageCache:
         # The parsed header of each stored bitmap (a hint checked against the stored prefix).
         self._parsed: dict[Hashable, Parsed] = {}
         self._counts = dict.fromkeys(COUNTS, 0)
+        # The reads' counts: next() on an itertools.count is one C call the GIL makes atomic,
+        # cheaper on the hot path than a lock around a dict's count.
+        self._hits, self._views = itertools.count(), itertools.count()
         self._stripes = [threading.Lock() for _ in range(STRIPES)]
         self.cache = DiscardableCache(maxsize, backend, verify=verify, on_evict=self._on_evict,
                                       manager=manager, idle_unlock=idle_unlock)
+        self._view = self.cache.view
 
     # ------------------------------------------------------------------ sizes
 
@@ -107,32 +112,43 @@ class ImageCache:
 
     def get(self, key: Hashable, default: Any = None) -> Any:
         """An image owning a copy of the bitmap, or default when missing or purged."""
-        with self._stripe(key):
+        # The hot path: the view pins the entry (locked, never unlocked, reclaimed or replaced)
+        # while Pillow copies with the GIL released; the stripe makes a put of the same key
+        # wait for the copy instead of failing on that pin.
+        with self._stripes[hash(key) % STRIPES]:
             try:
-                viewing = self.cache.view(key)
+                viewing = self._view(key)
                 data = viewing.__enter__()
             except KeyError:
                 self._count("misses")
                 return default
             try:
-                image = self._parsed_of(key, data).copy(data)
+                parsed = self._parsed.get(key)
+                image = None if parsed is None else parsed.copy(data)
+                if image is None:
+                    image = self._reparsed(key, data).copy(data)
             except BitmapFormatError:
-                image = _MISSING
+                image = None
             finally:
                 viewing.__exit__(None, None, None)
-        if image is _MISSING:
+        if image is None:
             self._drop_corrupt(key)
             self._count("misses")
             return default
-        self._count("hits")
+        next(self._hits)
         return image
 
     def _parsed_of(self, key: Hashable, data: memoryview) -> Parsed:
-        """The key's parsed header if the stored bytes still match it, else parsed again (a
-        bitmap stored behind this cache's back); BitmapFormatError if they are no bitmap."""
+        """The key's parsed header if the stored bytes still match it, else parsed again."""
         parsed = self._parsed.get(key)
         if parsed is None or not parsed.matches(data):
-            parsed = self._parsed[key] = parse(data)
+            parsed = self._reparsed(key, data)
+        return parsed
+
+    def _reparsed(self, key: Hashable, data: memoryview) -> Parsed:
+        """The stored bytes parsed again (a bitmap stored behind this cache's back) and kept;
+        BitmapFormatError if they are no bitmap."""
+        parsed = self._parsed[key] = parse(data)
         return parsed
 
     def get_or_create(self, key: Hashable, source: Source) -> Image.Image:
@@ -211,8 +227,7 @@ class ImageCache:
     def stats(self) -> dict[str, int]:
         """Hits, misses, views, purges, regenerations, evictions and sizes."""
         base = self.cache.stats()
-        with self._lock:
-            counts = dict(self._counts)
+        counts = self._read_counts()
         return {
             **counts,
             **{name: n for name, n in base.items() if name not in COUNTS},
@@ -222,10 +237,10 @@ class ImageCache:
         """The cache's numbers for discache.metrics, with this cache's hits, misses and
         regenerations (views count as hits)."""
         snapshot = self.cache.metrics_snapshot()
-        with self._lock:
-            snapshot["hits"] = self._counts["hits"] + self._counts["views"]
-            snapshot["misses"] = self._counts["misses"]
-            snapshot["regenerations"] = self._counts["regenerations"]
+        counts = self._read_counts()
+        snapshot["hits"] = counts["hits"] + counts["views"]
+        snapshot["misses"] = counts["misses"]
+        snapshot["regenerations"] = counts["regenerations"]
         return snapshot
 
     # ------------------------------------------------------------------ bookkeeping
@@ -236,6 +251,13 @@ class ImageCache:
     def _count(self, name: str) -> None:
         with self._lock:
             self._counts[name] += 1
+
+    def _read_counts(self) -> dict[str, int]:
+        with self._lock:
+            counts = dict(self._counts)
+        counts["hits"] = _count_of(self._hits)
+        counts["views"] = _count_of(self._views)
+        return counts
 
     def _on_evict(self, key: Hashable, reason: str) -> None:
         self._parsed.pop(key, None)
@@ -268,7 +290,7 @@ class _ImageView:
 
     def __enter__(self) -> Image.Image:
         owner, key = self.owner, self.key
-        self.viewing = owner.cache.view(key)
+        self.viewing = owner._view(key)
         data = self.viewing.__enter__()  # KeyError if missing or purged
         try:
             self.image, self.pixels = owner._parsed_of(key, data).map(data)
@@ -279,7 +301,7 @@ class _ImageView:
         except BaseException:
             self.viewing.__exit__(None, None, None)
             raise
-        owner._count("views")
+        next(owner._views)
         return self.image
 
     def __exit__(self, *exc: Any) -> None:
@@ -302,6 +324,12 @@ def _load(source: Source) -> Image.Image:
     with Image.open(source) as image:
         image.load()
     return image
+
+
+def _count_of(counter: "itertools.count[int]") -> int:
+    """The next value an itertools.count gives (how many times next() was called on it), read
+    from its repr without advancing it."""
+    return int(repr(counter)[len("count("):-1])
 
 
 _MISSING: Any = object()
