@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
 import warnings
 import weakref
 from typing import Any, Callable, Hashable, Optional, Union
@@ -15,10 +16,10 @@ from discache.cache import DiscardableCache
 from discache.errors import PinnedError
 from discache.manager import DiscardableMemoryManager
 
-from .codec import BitmapFormatError, Parsed, encode, parse
+from .codec import BitmapFormatError, Parsed, _new_object, encode, parse
 
+_map_buffer = Image.core.map_buffer
 Source = Union[str, bytes, "os.PathLike[str]", Callable[[], Image.Image]]
-STRIPES = 64  # locks that order a get's copy and a put of the same key
 COUNTS = ("hits", "misses", "views", "puts", "regenerations", "corrupt_entries")
 PURGED_KEYS_KEPT = 4096  # keys remembered as purged, to count their regeneration
 
@@ -55,7 +56,8 @@ class ImageCache:
         # The reads' counts: next() on an itertools.count is one C call the GIL makes atomic,
         # cheaper on the hot path than a lock around a dict's count.
         self._hits, self._views = itertools.count(), itertools.count()
-        self._stripes = [threading.Lock() for _ in range(STRIPES)]
+        # Keys being copied by a get, once per get in flight (see get and _store).
+        self._reading: list[Hashable] = []
         self.cache = DiscardableCache(maxsize, backend, verify=verify, on_evict=self._on_evict,
                                       manager=manager, idle_unlock=idle_unlock)
         self._view = self.cache.view
@@ -101,10 +103,18 @@ class ImageCache:
             raise TypeError(f"expected a PIL Image, got {type(image).__name__}")
         data = encode(image)
         parsed = parse(memoryview(data))
-        # A get pins the entry while it copies: wait for it rather than fail on its pin.
-        with self._stripe(key):
-            self.cache[key] = data
-            self._parsed[key] = parsed
+        while True:
+            try:
+                self.cache[key] = data
+                break
+            except PinnedError:
+                if key not in self._reading:
+                    raise  # viewed or pinned
+                # A get pins the entry while it copies: wait for the copy, not fail on its pin.
+                time.sleep(0)
+        # Two puts of the key racing may leave the other's header here: a read compares it
+        # with the stored prefix and parses again.
+        self._parsed[key] = parsed
         with self._lock:
             was_purged = self._purged.pop(key, _MISSING) is not _MISSING
             self._counts["puts"] += 1
@@ -112,10 +122,13 @@ class ImageCache:
 
     def get(self, key: Hashable, default: Any = None) -> Any:
         """An image owning a copy of the bitmap, or default when missing or purged."""
-        # The hot path: the view pins the entry (locked, never unlocked, reclaimed or replaced)
-        # while Pillow copies with the GIL released; the stripe makes a put of the same key
-        # wait for the copy instead of failing on that pin.
-        with self._stripes[hash(key) % STRIPES]:
+        # The hot path.  The view pins the entry (locked: never unlocked, reclaimed, replaced
+        # or deleted) while Pillow copies with the GIL released; the key is listed in _reading
+        # meanwhile so that a put of the same key waits for the copy instead of failing on
+        # that pin (list.append and list.remove are atomic: no lock of our own).
+        reading = self._reading
+        reading.append(key)
+        try:
             try:
                 viewing = self._view(key)
                 data = viewing.__enter__()
@@ -124,13 +137,28 @@ class ImageCache:
                 return default
             try:
                 parsed = self._parsed.get(key)
-                image = None if parsed is None else parsed.copy(data)
-                if image is None:
-                    image = self._reparsed(key, data).copy(data)
+                if (parsed is not None and parsed.owned is not None
+                        and data.nbytes == parsed.nbytes
+                        and data[:parsed.prefix_len].tobytes() == parsed.prefix):
+                    # Parsed.copy inlined for a bitmap Pillow maps: one memcpy per line, the
+                    # mapping gone with the expression, then the image built by the recipe.
+                    core = _map_buffer(data, *parsed.map_args).copy()
+                    cls, state, holder = parsed.owned
+                    image = _new_object(cls)
+                    attributes = state.copy()
+                    attributes[holder] = core
+                    attributes["info"] = {}
+                    image.__dict__ = attributes
+                else:
+                    image = None if parsed is None else parsed.copy(data)
+                    if image is None:
+                        image = self._reparsed(key, data).copy(data)
             except BitmapFormatError:
                 image = None
             finally:
                 viewing.__exit__(None, None, None)
+        finally:
+            reading.remove(key)
         if image is None:
             self._drop_corrupt(key)
             self._count("misses")
@@ -244,9 +272,6 @@ class ImageCache:
         return snapshot
 
     # ------------------------------------------------------------------ bookkeeping
-
-    def _stripe(self, key: Hashable) -> threading.Lock:
-        return self._stripes[hash(key) % STRIPES]
 
     def _count(self, name: str) -> None:
         with self._lock:

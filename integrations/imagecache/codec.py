@@ -41,7 +41,7 @@ class Parsed:
     wrap the pixels as worked out here."""
 
     __slots__ = ("spec", "prefix", "prefix_len", "nbytes", "zero_copy", "template", "args",
-                 "owned", "read_only")
+                 "map_args", "owned", "read_only")
 
     def __init__(self, spec: Layout, prefix: bytes, data: memoryview) -> None:
         self.spec, self.prefix, self.nbytes = spec, prefix, data.nbytes
@@ -51,13 +51,14 @@ class Parsed:
         # without its argument checks (done once, here).
         self.template = Image.new(spec.mode, (0, 0)) if self.zero_copy else None
         self.args = (spec.mode, 0, 1)
+        self.map_args = (spec.size, "raw", spec.offset, self.args)  # after the buffer
         # How to wrap a core as an image the caller owns, and as a read-only one (None: with
         # Image._new); learnt from images Pillow wraps around a core mapped on data, gone
         # before returning, so the caller's view of data outlives no export.
         self.owned: Optional[Recipe] = None
         self.read_only: Optional[Recipe] = None
-        if self.zero_copy:
-            core = Image.core.map_buffer(data, spec.size, "raw", spec.offset, self.args)
+        if self.zero_copy and not spec.palette_mode:  # a palette is an object of its own
+            core = Image.core.map_buffer(data, *self.map_args)
             try:
                 self.owned = recipe(self.template._new(core), core)
                 probe = self.template._new(core)
@@ -80,7 +81,7 @@ class Parsed:
         if not self.zero_copy:
             return decode(data, spec)
         # The temporary mapping goes with this expression, before the caller's view of data.
-        core = Image.core.map_buffer(data, spec.size, "raw", spec.offset, self.args).copy()
+        core = Image.core.map_buffer(data, *self.map_args).copy()
         if self.owned is None:
             image = self.template._new(core)
         else:  # Recipe.wrap inlined: this is ImageCache.get's hot path
