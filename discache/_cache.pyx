@@ -309,9 +309,8 @@ cdef bint _settled(object owner, Slab slab) except -1:
     locked, an idle tick pending; a view's way out without the cache's lock.  Looked at only
     while no thread holds the cache's guard (a thread that does may be dropping the slab or
     ticking past it); the guard's depth changes under the GIL next to the lock itself."""
-    if slab.pins or slab.doomed or not slab.locked:
-        return False
-    if (<Guard>(<CacheCore>owner).guard_).depth:
+    cdef object guard = (<CacheCore>owner).guard_
+    if slab.pins or slab.doomed or not slab.locked or guard is None or (<Guard>guard).depth:
         return False
     return getattr(owner, "_scheduled", False) is True
 

@@ -58,15 +58,17 @@ class Parsed:
         self.owned: Optional[Recipe] = None
         self.read_only: Optional[Recipe] = None
         if self.zero_copy and not spec.palette_mode:  # a palette is an object of its own
-            core = Image.core.map_buffer(data, *self.map_args)
+            core = probe = None
             try:
+                core = Image.core.map_buffer(data, *self.map_args)
                 self.owned = recipe(self.template._new(core), core)
                 probe = self.template._new(core)
                 probe.readonly = 1
                 self.read_only = recipe(probe, core)
-                del probe
+            except Exception:  # reads fall back to Image._new, which will say what is wrong
+                self.owned = self.read_only = None
             finally:
-                del core
+                core = probe = None
 
     def matches(self, data: memoryview) -> bool:
         """True if data is still the bitmap this header was parsed from (size and prefix)."""
