@@ -13,7 +13,6 @@ from PIL import Image, ImageDraw
 from discache import PinnedError, force_reclaim
 from discache.manager import PAGE, DiscardableMemoryManager
 from integrations.imagecache import ZERO_COPY_MODES, ImageCache
-from integrations.imagecache import codec
 from integrations.imagecache.codec import encode, layout, recipe
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

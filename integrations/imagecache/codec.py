@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 from PIL import Image, ImagePalette
 
