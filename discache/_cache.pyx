@@ -300,8 +300,19 @@ cdef class EntryView:
         if self.owner is None or self.entry is None:
             return
         slab = self.entry.slab
-        if self.entry.change_pins(-1, True, self.owner) == 0:
+        if self.entry.change_pins(-1, True, self.owner) == 0 and not _settled(self.owner, slab):
             self.owner._last_pin_gone(slab)
+
+
+cdef bint _settled(object owner, Slab slab) except -1:
+    """True if _last_pin_gone would find nothing to do for a slab whose last pin went: kept,
+    locked, an idle tick pending; a view's way out without the cache's lock.  Looked at only
+    while no thread holds the cache's guard (a thread that does may be dropping the slab or
+    ticking past it); the guard's depth changes under the GIL next to the lock itself."""
+    cdef object guard = (<CacheCore>owner).guard_
+    if slab.pins or slab.doomed or not slab.locked or guard is None or (<Guard>guard).depth:
+        return False
+    return getattr(owner, "_scheduled", False) is True
 
 
 cdef class CacheCore:

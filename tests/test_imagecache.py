@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from PIL import Image, ImageDraw
@@ -12,13 +13,16 @@ from PIL import Image, ImageDraw
 from discache import PinnedError, force_reclaim
 from discache.manager import PAGE, DiscardableMemoryManager
 from integrations.imagecache import ZERO_COPY_MODES, ImageCache
-from integrations.imagecache.codec import encode, layout
+from integrations.imagecache.codec import encode, layout, recipe
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BACKENDS = ["madvfree", "memfd"]
 OWN_SLAB = (160, 120)  # RGB and RGBA bitmaps of this size are over 32 KiB: a slab of their own
 MODES = ["RGB", "RGBA", "L", "P", "PA", "LA", "1", "I", "F", "I;16", "I;16B", "CMYK", "RGBX",
          "YCbCr"]
+# Modes whose stored pixels Pillow maps and whose images have no palette: get and view_image
+# build their images with a recipe learnt from Pillow (the hot path).
+RECIPE_MODES = [mode for mode in ZERO_COPY_MODES if mode != "P"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -322,3 +326,242 @@ def test_the_thumbnail_example_runs():
                             timeout=60, cwd="/")
     assert result.returncode == 0, result.stderr
     assert "purges detected 6, regenerations 6" in result.stdout
+
+
+@pytest.mark.parametrize("mode", RECIPE_MODES + ["P"])
+def test_reads_are_built_by_the_recipe_where_pillow_maps_and_own_their_state(backend, mode):
+    cache = make(backend)
+    source = picture(4, (40, 30), mode)
+    cache.put("k", source)
+    parsed = cache._parsed["k"]
+    assert (parsed.owned is not None) == (mode != "P"), "a palette is an object of its own"
+    first, second = cache.get("k"), cache.get("k")
+    assert same(first, source) and same(second, source) and first.im is not second.im
+    first.info["seen"] = True
+    first.putpixel((0, 0), second.getpixel((1, 1)))
+    assert second.info == {} and same(second, source) and same(cache.get("k"), source)
+    assert not first.readonly and not second.readonly
+    with cache.view_image("k") as view:
+        assert view.readonly and view.info == {} and same(view, source)
+        assert (parsed.read_only is not None) == (mode != "P")
+
+
+def test_get_reads_the_pixels_in_discardable_memory_each_time(backend):
+    """No copy kept aside: a byte changed behind the cache's back is in the next get."""
+    cache = make(backend)
+    source = picture(6, (64, 64), "RGBA")
+    cache.put("k", source)
+    address, nbytes = address_of(cache, "k")
+    pixels = address + cache._parsed["k"].spec.offset
+    before = cache.get("k")
+    poke(pixels, bytes([(peek(pixels, 1)[0] + 1) % 256]))
+    after = cache.get("k")
+    assert after.tobytes()[1:] == before.tobytes()[1:] == source.tobytes()[1:]
+    assert after.tobytes()[0] == (source.tobytes()[0] + 1) % 256
+
+
+def test_the_fallback_when_pillow_images_hold_other_state(backend, monkeypatch):
+    """An Image._new whose images carry a mutable attribute (unlike Pillow 9 to 13): no recipe,
+    reads go through Image._new, and each image gets its own attribute."""
+    made = Image.Image._new
+
+    def new_with_state(self, core):
+        image = made(self, core)
+        image.annotations = []
+        return image
+
+    monkeypatch.setattr(Image.Image, "_new", new_with_state)
+    cache = make(backend)
+    source = picture(2, (32, 16), "RGBA")
+    cache.put("k", source)
+    assert cache._parsed["k"].owned is None and cache._parsed["k"].read_only is None
+    first, second = cache.get("k"), cache.get("k")
+    assert same(first, source) and same(second, source)
+    assert first.annotations == [] and first.annotations is not second.annotations
+    with cache.view_image("k") as view:
+        assert same(view, source) and view.readonly and view.annotations == []
+    assert cache.stats()["hits"] == 2 and cache.stats()["views"] == 1
+
+
+def test_a_recipe_makes_what_pillow_makes():
+    core = Image.new("L", (3, 2), 7).im
+    probe = Image.new("L", (0, 0))._new(core)
+    found = recipe(probe, core)
+    assert found is not None and found.state[found.holder] is None, "the probe's core not kept"
+    image = found.wrap(core)
+    assert type(image) is Image.Image and image.im is core and vars(image).keys() == \
+        vars(probe).keys()
+    assert (image.mode, image.size, image.info, image.readonly) == ("L", (3, 2), {}, 0)
+    assert image.info is not found.wrap(core).info
+    probe.extra = {"not": "empty"}
+    assert recipe(probe, core) is None
+    del probe.extra
+    probe.im = Image.new("L", (3, 2)).im  # the core in no attribute
+    assert recipe(probe, core) is None
+
+
+def test_a_purge_before_the_pin_is_a_miss_and_never_a_zero_image(backend):
+    cache = make(backend)
+    cache.put("k", picture(1, OWN_SLAB, "RGBA"))
+    view = cache._view
+
+    def reclaimed_then_viewed(key):
+        assert force_reclaim(cache) > 0  # after get was called, before its pin
+        return view(key)
+
+    cache._view = reclaimed_then_viewed
+    assert cache.get("k", "gone") == "gone" and "k" not in cache
+    stats = cache.stats()
+    assert stats["misses"] == 1 and stats["hits"] == 0 and stats["purges_detected"] == 1
+    assert cache._reading == []
+
+
+def test_a_reclaim_while_get_copies_leaves_the_pinned_bitmap(backend):
+    cache = make(backend)
+    source = picture(1, OWN_SLAB, "RGBA")
+    cache.put("k", source)
+    cache.put("other", picture(2, OWN_SLAB, "RGBA"))
+    view = cache._view
+    reclaimed = []
+
+    class ReclaimOnPin:
+        """cache.view's context, with the kernel made to reclaim once the entry is pinned."""
+
+        def __init__(self, key):
+            self.viewing = view(key)
+
+        def __enter__(self):
+            data = self.viewing.__enter__()
+            cache.sweep(idle=0)
+            reclaimed.append(force_reclaim(cache))
+            return data
+
+        def __exit__(self, *exc):
+            return self.viewing.__exit__(*exc)
+
+    cache._view = ReclaimOnPin
+    assert same(cache.get("k"), source)
+    assert reclaimed[0] >= 4, "the other bitmap went, the pinned one stayed"
+    cache._view = view
+    assert cache.get("other") is None and same(cache.get("k"), source)
+    assert cache.stats()["pinned_entries"] == 0
+
+
+def test_gets_racing_the_kernel_return_the_bitmap_or_nothing(backend):
+    cache = make(backend)
+    source = picture(3, (256, 256), "RGBA")
+    stop, wrong = threading.Event(), []
+
+    def reclaim():
+        while not stop.is_set():
+            force_reclaim(cache)
+            time.sleep(0.002)
+
+    reclaimer = threading.Thread(target=reclaim)
+    reclaimer.start()
+    reads, deadline = 0, time.monotonic() + 20
+    try:
+        # until both a hit and a purge were seen (the reclaimer's timing is the kernel's)
+        while reads < 300 or not (cache.stats()["hits"] and cache.stats()["purges_detected"]):
+            image = cache.get("k")
+            reads += 1
+            if image is None:
+                cache.put("k", source)
+            elif not same(image, source):
+                wrong.append(reads)
+            if reads % 8 == 0:
+                time.sleep(0.001)  # the reclaimer runs between gets too, not only in copies
+            if time.monotonic() > deadline:
+                break
+    finally:
+        stop.set()
+        reclaimer.join()
+    stats = cache.stats()
+    assert wrong == [] and stats["purges_detected"] > 0 and stats["hits"] > 0
+    assert stats["hits"] + stats["misses"] == reads and stats["pinned_entries"] == 0
+
+
+def test_a_put_waits_for_a_get_copying_the_key(backend):
+    cache = make(backend)
+    old, new = picture(1, OWN_SLAB, "RGBA"), picture(2, OWN_SLAB, "RGBA")
+    cache.put("k", old)
+    view = cache._view
+    outcome = []
+
+    def put_new():
+        try:
+            cache.put("k", new)
+            outcome.append("stored")
+        except Exception as error:  # reported below
+            outcome.append(error)
+
+    putter = threading.Thread(target=put_new)
+
+    class PutWhilePinned:
+        def __init__(self, key):
+            self.viewing = view(key)
+
+        def __enter__(self):
+            data = self.viewing.__enter__()
+            putter.start()
+            time.sleep(0.2)
+            assert putter.is_alive() and outcome == [], "the put waits for the pin to go"
+            return data
+
+        def __exit__(self, *exc):
+            return self.viewing.__exit__(*exc)
+
+    cache._view = PutWhilePinned
+    assert same(cache.get("k"), old)
+    putter.join(10)
+    cache._view = view
+    assert outcome == ["stored"] and same(cache.get("k"), new) and cache._reading == []
+    with cache.view_image("k"):
+        with pytest.raises(PinnedError):
+            cache.put("k", old)  # a view's pin is not waited for
+
+
+def test_a_bitmap_parsed_on_a_pinned_view_leaves_no_export(backend):
+    """Stored behind the cache's back: parsed again on get's pinned view, which must end."""
+    cache = make(backend)
+    cache.cache["k"] = encode(picture(5, (30, 20), "L"))
+    assert same(cache.get("k"), picture(5, (30, 20), "L"))
+    assert cache._parsed["k"].owned is not None
+    assert cache.stats()["pinned_entries"] == 0
+    cache.delete("k")
+    assert "k" not in cache
+
+
+def test_counts_are_exact_across_threads(backend):
+    cache = make(backend)
+    cache.put("k", picture(1, (16, 16), "L"))
+
+    def read():
+        for _ in range(200):
+            assert cache.get("k") is not None
+            with cache.view_image("k"):
+                pass
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stats = cache.stats()
+    assert (stats["hits"], stats["views"], stats["misses"]) == (800, 800, 0)
+    assert cache.metrics_snapshot()["hits"] == 1600
+
+
+def test_bitmaps_read_are_unlocked_by_the_idle_timer_afterwards(backend):
+    """A view's last pin going takes the short way out when a tick is pending: the tick must
+    still unlock the bitmap."""
+    cache = make(backend, idle_unlock=0.05)
+    cache.put("k", picture(1, OWN_SLAB, "RGBA"))
+    for _ in range(20):
+        cache.get("k")
+        with cache.view_image("k"):
+            pass
+    deadline = time.monotonic() + 5
+    while cache.stats()["locked_entries"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cache.stats()["locked_entries"] == 0 and cache.stats()["pinned_entries"] == 0

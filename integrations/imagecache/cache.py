@@ -1,8 +1,10 @@
 """ImageCache: decoded PIL images in discardable memory, rebuilt when the kernel took them."""
 from __future__ import annotations
 
+import itertools
 import os
 import threading
+import time
 import warnings
 import weakref
 from typing import Any, Callable, Hashable, Optional, Union
@@ -14,10 +16,10 @@ from discache.cache import DiscardableCache
 from discache.errors import PinnedError
 from discache.manager import DiscardableMemoryManager
 
-from .codec import BitmapFormatError, Parsed, encode, parse
+from .codec import BitmapFormatError, Parsed, _new_object, encode, parse
 
+_map_buffer = Image.core.map_buffer
 Source = Union[str, bytes, "os.PathLike[str]", Callable[[], Image.Image]]
-STRIPES = 64  # locks that order a get's copy and a put of the same key
 COUNTS = ("hits", "misses", "views", "puts", "regenerations", "corrupt_entries")
 PURGED_KEYS_KEPT = 4096  # keys remembered as purged, to count their regeneration
 
@@ -51,9 +53,14 @@ class ImageCache:
         # The parsed header of each stored bitmap (a hint checked against the stored prefix).
         self._parsed: dict[Hashable, Parsed] = {}
         self._counts = dict.fromkeys(COUNTS, 0)
-        self._stripes = [threading.Lock() for _ in range(STRIPES)]
+        # The reads' counts: next() on an itertools.count is one C call the GIL makes atomic,
+        # cheaper on the hot path than a lock around a dict's count.
+        self._hits, self._views = itertools.count(), itertools.count()
+        # Keys being copied by a get, once per get in flight (see get and _store).
+        self._reading: list[Hashable] = []
         self.cache = DiscardableCache(maxsize, backend, verify=verify, on_evict=self._on_evict,
                                       manager=manager, idle_unlock=idle_unlock)
+        self._view = self.cache.view
 
     # ------------------------------------------------------------------ sizes
 
@@ -96,10 +103,18 @@ class ImageCache:
             raise TypeError(f"expected a PIL Image, got {type(image).__name__}")
         data = encode(image)
         parsed = parse(memoryview(data))
-        # A get pins the entry while it copies: wait for it rather than fail on its pin.
-        with self._stripe(key):
-            self.cache[key] = data
-            self._parsed[key] = parsed
+        while True:
+            try:
+                self.cache[key] = data
+                break
+            except PinnedError:
+                if key not in self._reading:
+                    raise  # viewed or pinned
+                # A get pins the entry while it copies: wait for the copy, not fail on its pin.
+                time.sleep(0)
+        # Two puts of the key racing may leave the other's header here: a read compares it
+        # with the stored prefix and parses again.
+        self._parsed[key] = parsed
         with self._lock:
             was_purged = self._purged.pop(key, _MISSING) is not _MISSING
             self._counts["puts"] += 1
@@ -107,32 +122,61 @@ class ImageCache:
 
     def get(self, key: Hashable, default: Any = None) -> Any:
         """An image owning a copy of the bitmap, or default when missing or purged."""
-        with self._stripe(key):
+        # The hot path.  The view pins the entry (locked: never unlocked, reclaimed, replaced
+        # or deleted) while Pillow copies with the GIL released; the key is listed in _reading
+        # meanwhile so that a put of the same key waits for the copy instead of failing on
+        # that pin (list.append and list.remove are atomic: no lock of our own).
+        reading = self._reading
+        reading.append(key)
+        try:
             try:
-                viewing = self.cache.view(key)
+                viewing = self._view(key)
                 data = viewing.__enter__()
             except KeyError:
                 self._count("misses")
                 return default
             try:
-                image = self._parsed_of(key, data).copy(data)
+                parsed = self._parsed.get(key)
+                if (parsed is not None and parsed.owned is not None
+                        and data.nbytes == parsed.nbytes
+                        and data[:parsed.prefix_len].tobytes() == parsed.prefix):
+                    # Parsed.copy inlined for a bitmap Pillow maps: one memcpy per line, the
+                    # mapping gone with the expression, then the image built by the recipe.
+                    core = _map_buffer(data, *parsed.map_args).copy()
+                    cls, state, holder = parsed.owned
+                    image = _new_object(cls)
+                    attributes = state.copy()
+                    attributes[holder] = core
+                    attributes["info"] = {}
+                    image.__dict__ = attributes
+                else:
+                    image = None if parsed is None else parsed.copy(data)
+                    if image is None:
+                        image = self._reparsed(key, data).copy(data)
             except BitmapFormatError:
-                image = _MISSING
+                image = None
             finally:
                 viewing.__exit__(None, None, None)
-        if image is _MISSING:
+        finally:
+            reading.remove(key)
+        if image is None:
             self._drop_corrupt(key)
             self._count("misses")
             return default
-        self._count("hits")
+        next(self._hits)
         return image
 
     def _parsed_of(self, key: Hashable, data: memoryview) -> Parsed:
-        """The key's parsed header if the stored bytes still match it, else parsed again (a
-        bitmap stored behind this cache's back); BitmapFormatError if they are no bitmap."""
+        """The key's parsed header if the stored bytes still match it, else parsed again."""
         parsed = self._parsed.get(key)
         if parsed is None or not parsed.matches(data):
-            parsed = self._parsed[key] = parse(data)
+            parsed = self._reparsed(key, data)
+        return parsed
+
+    def _reparsed(self, key: Hashable, data: memoryview) -> Parsed:
+        """The stored bytes parsed again (a bitmap stored behind this cache's back) and kept;
+        BitmapFormatError if they are no bitmap."""
+        parsed = self._parsed[key] = parse(data)
         return parsed
 
     def get_or_create(self, key: Hashable, source: Source) -> Image.Image:
@@ -211,8 +255,7 @@ class ImageCache:
     def stats(self) -> dict[str, int]:
         """Hits, misses, views, purges, regenerations, evictions and sizes."""
         base = self.cache.stats()
-        with self._lock:
-            counts = dict(self._counts)
+        counts = self._read_counts()
         return {
             **counts,
             **{name: n for name, n in base.items() if name not in COUNTS},
@@ -222,20 +265,24 @@ class ImageCache:
         """The cache's numbers for discache.metrics, with this cache's hits, misses and
         regenerations (views count as hits)."""
         snapshot = self.cache.metrics_snapshot()
-        with self._lock:
-            snapshot["hits"] = self._counts["hits"] + self._counts["views"]
-            snapshot["misses"] = self._counts["misses"]
-            snapshot["regenerations"] = self._counts["regenerations"]
+        counts = self._read_counts()
+        snapshot["hits"] = counts["hits"] + counts["views"]
+        snapshot["misses"] = counts["misses"]
+        snapshot["regenerations"] = counts["regenerations"]
         return snapshot
 
     # ------------------------------------------------------------------ bookkeeping
 
-    def _stripe(self, key: Hashable) -> threading.Lock:
-        return self._stripes[hash(key) % STRIPES]
-
     def _count(self, name: str) -> None:
         with self._lock:
             self._counts[name] += 1
+
+    def _read_counts(self) -> dict[str, int]:
+        with self._lock:
+            counts = dict(self._counts)
+        counts["hits"] = _count_of(self._hits)
+        counts["views"] = _count_of(self._views)
+        return counts
 
     def _on_evict(self, key: Hashable, reason: str) -> None:
         self._parsed.pop(key, None)
@@ -268,7 +315,7 @@ class _ImageView:
 
     def __enter__(self) -> Image.Image:
         owner, key = self.owner, self.key
-        self.viewing = owner.cache.view(key)
+        self.viewing = owner._view(key)
         data = self.viewing.__enter__()  # KeyError if missing or purged
         try:
             self.image, self.pixels = owner._parsed_of(key, data).map(data)
@@ -279,7 +326,7 @@ class _ImageView:
         except BaseException:
             self.viewing.__exit__(None, None, None)
             raise
-        owner._count("views")
+        next(owner._views)
         return self.image
 
     def __exit__(self, *exc: Any) -> None:
@@ -302,6 +349,12 @@ def _load(source: Source) -> Image.Image:
     with Image.open(source) as image:
         image.load()
     return image
+
+
+def _count_of(counter: "itertools.count[int]") -> int:
+    """The next value an itertools.count gives (how many times next() was called on it), read
+    from its repr without advancing it."""
+    return int(repr(counter)[len("count("):-1])
 
 
 _MISSING: Any = object()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 from PIL import Image, ImagePalette
 
@@ -15,6 +15,9 @@ VERSION = 1
 # magic, version, mode, width, height, palette mode and length, pixel offset and length
 HEADER = struct.Struct("<4sH10sII8sIIQ")
 ALIGN = 64  # pixels start on a cache line
+# Attribute values an image made by a Recipe may share with the probe it was learnt from.
+IMMUTABLE = (type(None), bool, int, float, str, bytes, tuple)
+_new_object = object.__new__
 
 
 class BitmapFormatError(ValueError):
@@ -34,56 +37,143 @@ class Layout(NamedTuple):
 
 class Parsed:
     """A stored bitmap's header parsed and checked once, kept beside its entry: reads compare
-    the stored bytes' prefix (header, palette, padding) with it instead of parsing again."""
+    the stored bytes' prefix (header, palette, padding) with it instead of parsing again, and
+    wrap the pixels as worked out here."""
 
-    __slots__ = ("spec", "prefix", "nbytes", "zero_copy", "template", "args")
+    __slots__ = ("spec", "prefix", "prefix_len", "nbytes", "zero_copy", "template", "args",
+                 "map_args", "owned", "read_only")
 
-    def __init__(self, spec: Layout, prefix: bytes, nbytes: int) -> None:
-        self.spec, self.prefix, self.nbytes = spec, prefix, nbytes
+    def __init__(self, spec: Layout, prefix: bytes, data: memoryview) -> None:
+        self.spec, self.prefix, self.nbytes = spec, prefix, data.nbytes
+        self.prefix_len = len(prefix)
         self.zero_copy = spec.length > 0 and spec.mode in ZERO_COPY_MODES
         # Image._new of a 0x0 image of the mode wraps a mapped core as Image.frombuffer does,
         # without its argument checks (done once, here).
         self.template = Image.new(spec.mode, (0, 0)) if self.zero_copy else None
         self.args = (spec.mode, 0, 1)
+        self.map_args = (spec.size, "raw", spec.offset, self.args)  # after the buffer
+        # How to wrap a core as an image the caller owns, and as a read-only one (None: with
+        # Image._new); learnt from images Pillow wraps around a core mapped on data, gone
+        # before returning, so the caller's view of data outlives no export.
+        self.owned: Optional[Recipe] = None
+        self.read_only: Optional[Recipe] = None
+        if self.zero_copy and not spec.palette_mode:  # a palette is an object of its own
+            core = probe = None
+            try:
+                core = Image.core.map_buffer(data, *self.map_args)
+                self.owned = recipe(self.template._new(core), core)
+                probe = self.template._new(core)
+                probe.readonly = 1
+                self.read_only = recipe(probe, core)
+            except Exception:  # reads fall back to Image._new, which will say what is wrong
+                self.owned = self.read_only = None
+            finally:
+                core = probe = None
 
     def matches(self, data: memoryview) -> bool:
         """True if data is still the bitmap this header was parsed from (size and prefix)."""
-        return data.nbytes == self.nbytes and data[:len(self.prefix)] == self.prefix
+        return data.nbytes == self.nbytes and data[:self.prefix_len].tobytes() == self.prefix
 
-    def copy(self, data: memoryview) -> Image.Image:
-        """An Image owning a copy of the pixels: one memcpy per line for mapped modes."""
+    def copy(self, data: memoryview) -> Optional[Image.Image]:
+        """An Image owning a copy of the pixels (one memcpy per line for mapped modes), or None
+        if data is no longer the bitmap this header was parsed from."""
+        if data.nbytes != self.nbytes or data[:self.prefix_len].tobytes() != self.prefix:
+            return None
         spec = self.spec
         if not self.zero_copy:
             return decode(data, spec)
-        core = Image.core.map_buffer(data, spec.size, "raw", spec.offset, self.args)
-        image = self.template._new(core.copy())
-        del core  # the mapping goes before the caller's view of data is released
-        _apply_palette(image, spec)
+        # The temporary mapping goes with this expression, before the caller's view of data.
+        core = Image.core.map_buffer(data, *self.map_args).copy()
+        if self.owned is None:
+            image = self.template._new(core)
+        else:  # Recipe.wrap inlined: this is ImageCache.get's hot path
+            cls, state, holder = self.owned
+            image = _new_object(cls)
+            attributes = state.copy()
+            attributes[holder] = core
+            attributes["info"] = {}
+            image.__dict__ = attributes
+        if spec.palette_mode:
+            _apply_palette(image, spec)
         return image
 
     def map(self, data: memoryview) -> tuple[Image.Image, Optional[memoryview]]:
         """A read-only Image mapping the pixels (a copy for other modes), and the view of data
         it holds (None for a copy)."""
+        spec = self.spec
         if not self.zero_copy:
-            image = decode(data, self.spec)
+            image = decode(data, spec)
             image.readonly = 1
             return image, None
-        pixels = data[self.spec.offset:]
+        pixels = data[spec.offset:]
+        image = None
         try:
-            image = self.template._new(Image.core.map_buffer(pixels, self.spec.size, "raw", 0,
-                                                             self.args))
-            image.readonly = 1
-            _apply_palette(image, self.spec)
+            core = Image.core.map_buffer(pixels, spec.size, "raw", 0, self.args)
+            if self.read_only is None:
+                image = self.template._new(core)
+                image.readonly = 1
+            else:
+                image = self.read_only.wrap(core)
+            del core
+            if spec.palette_mode:
+                _apply_palette(image, spec)
         except BaseException:
+            core = image = None
             pixels.release()  # no export may outlive the caller's pin
             raise
         return image, pixels
 
 
+class Recipe(NamedTuple):
+    """How Pillow wraps a core of one mode and size in an Image, to do it without
+    Image.__init__ and Image._new: a new instance given a copy of `state` (the attributes, all
+    immutable values but a fresh info dict), the core in attribute `holder`."""
+
+    cls: type
+    state: dict[str, Any]
+    holder: str
+
+    def wrap(self, core: Any) -> Image.Image:
+        """An image of core, as the probe the recipe was learnt from is of its own."""
+        image = _new_object(self.cls)
+        attributes = self.state.copy()
+        attributes[self.holder] = core
+        attributes["info"] = {}
+        image.__dict__ = attributes
+        return image
+
+
+def recipe(probe: Image.Image, core: Any) -> Optional[Recipe]:
+    """The Recipe of probe, which Pillow made around core; None (use Image._new) unless the
+    core is in one attribute and every other is an immutable value or the empty info dict, as
+    in Pillow 9 to 13 for modes without a palette, and an image made by it is like probe."""
+    try:
+        state = dict(vars(probe))
+    except TypeError:  # no instance dict
+        return None
+    holders = [name for name, value in state.items() if value is core]
+    shared = [name for name, value in state.items()
+              if value is not core and type(value) not in IMMUTABLE]
+    if len(holders) != 1 or shared != ["info"] or state["info"] != {}:
+        return None
+    state[holders[0]] = None  # the probe's core is not kept
+    found = Recipe(type(probe), state, holders[0])
+    made = None
+    try:
+        made = found.wrap(core)
+        alike = (made.im is core and made.mode == probe.mode and made.size == probe.size
+                 and made.readonly == probe.readonly and vars(made).keys() == state.keys())
+    except (TypeError, AttributeError, ValueError):
+        return None
+    finally:
+        made = None
+    return found if alike else None
+
+
 def parse(data: memoryview) -> Parsed:
     """layout() of stored bytes, kept with what reads need; BitmapFormatError if not a bitmap."""
     spec = layout(data)
-    return Parsed(spec, bytes(data[:spec.offset]), data.nbytes)
+    return Parsed(spec, bytes(data[:spec.offset]), data)
 
 
 def encode(image: Image.Image) -> bytes:
