@@ -205,6 +205,8 @@ class DiscardableMemoryManager:
         with self._lock_:
             self._drain_dropped()
             record = self._record(mem)
+            if record.locked:  # called directly, not by mem.lock(): it would count twice
+                raise RuntimeError("discardable memory is already locked (locks do not nest)")
             span = record.span
             size = span.npages * PAGE
             self._unlocked.pop(record, None)
@@ -230,6 +232,8 @@ class DiscardableMemoryManager:
         with self._lock_:
             self._drain_dropped()
             record = self._record(mem)
+            if not record.locked:  # called directly, not by mem.unlock()
+                raise RuntimeError("discardable memory is not locked")
             span = record.span
             record.segment.unlock_span(span.first, span.npages)
             self._unlocked_now(record, self.clock())
@@ -269,8 +273,8 @@ class DiscardableMemoryManager:
                 calls += self._segments[segment_id].unlock_spans(
                     [(r.span.first, r.span.npages) for _, r in group])
                 for mem, record in group:
+                    self._unlocked_now(record, now)  # first: mark_unlocked() checks the record
                     mem.mark_unlocked()
-                    self._unlocked_now(record, now)
             self.counters["unlocks"] += len(mems)
             self._purge_to(self.limit)
         if self.latency is not None and mems:
