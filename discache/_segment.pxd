@@ -55,6 +55,7 @@ cdef class Segment:
     cdef bint _busy_with(self, Py_ssize_t first, Py_ssize_t count) noexcept
     cdef void _finish_after_fork(self) noexcept
     cdef bint _copy_data_into(self, int fd) noexcept
+    cdef int _copy(self, char *dst, const char *src, Py_ssize_t size) except -1
     cdef void _own_pages_after_fork(self) noexcept
 
 

@@ -13,14 +13,16 @@
 # lock = ASHMEM_PIN, which answers for the whole span at once.
 
 from cpython.buffer cimport PyBuffer_FillInfo
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport uint64_t, uint8_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
 
 import weakref as _weakref
 
-from discache.errors import BackendUnavailableError as _BackendUnavailableError
+from discache.errors import (
+    BackendUnavailableError as _BackendUnavailableError, PurgedPageError as _PurgedPageError,
+)
 
 SEGMENT_KINDS = ("madvfree", "memfd", "ashmem")
 cdef enum:
@@ -642,12 +644,31 @@ cdef class Segment:
             raise _oserror(errno, "cannot reinstall the SIGBUS handler")
         return 0
 
+    cdef int _copy(self, char *dst, const char *src, Py_ssize_t size) except -1:
+        """memcpy to or from the mapping; in SIGBUS mode guarded, since a discarded page (of an
+        unlocked or released span) faults: PurgedPageError instead of the process dying."""
+        cdef size_t fault = 0, page_address
+        if not self.sigbus:
+            memcpy(dst, src, size)
+            return 0
+        if not dc_sigbus_handler_installed() and dc_install_sigbus_handler() != 0:
+            raise _oserror(errno, "cannot reinstall the SIGBUS handler")
+        if dc_guarded_copy(dst, src, size, <size_t>self.base, <size_t>(self.base + self.nbytes),
+                           &fault) != 0:
+            page_address = fault - fault % self.page
+            raise _PurgedPageError(page_address, f"page at offset {page_address - <size_t>self.base}"
+                                   " of the segment was discarded: lock its span and refill it")
+        return 0
+
     def read(self, Py_ssize_t offset, Py_ssize_t size) -> bytes:
         """Copy size bytes out from offset (the caller has the span locked)."""
+        cdef bytes out
         self._check_open()
         if offset < 0 or size < 0 or offset > self.nbytes - size:
             raise IndexError(f"bytes [{offset}, {offset} + {size}) are outside the segment")
-        return PyBytes_FromStringAndSize(self.base + offset, size)
+        out = PyBytes_FromStringAndSize(NULL, size)
+        self._copy(PyBytes_AS_STRING(out), self.base + offset, size)
+        return out
 
     def write(self, Py_ssize_t offset, const unsigned char[::1] data) -> int:
         """Copy data in at offset (the caller has the span locked); returns its length."""
@@ -656,11 +677,15 @@ cdef class Segment:
         if offset < 0 or offset > self.nbytes - size:
             raise IndexError(f"bytes [{offset}, {offset} + {size}) are outside the segment")
         if size:
-            memcpy(self.base + offset, &data[0], size)
+            self._copy(self.base + offset, <const char *>&data[0], size)
         return size
 
     def __getbuffer__(self, Py_buffer *buffer, int flags):
         self._check_open()
+        if self.sigbus:
+            # A raw view would reach unlocked pages, and one the kernel discarded kills the process.
+            raise BufferError("a SIGBUS-mode segment exports no buffer of itself: use its "
+                              "memory's .data (locked) or read()/write()")
         PyBuffer_FillInfo(buffer, self, self.base, self.nbytes, 0, flags)
         self.exports += 1
 
@@ -719,7 +744,15 @@ cdef class SpanBuffer:
         self.size = size
 
     def __getbuffer__(self, Py_buffer *buffer, int flags):
+        cdef Py_ssize_t i
         self.segment._check_open()
+        if self.segment.sigbus:
+            # Raw access to a discarded page kills the process: only claimed, locked pages.
+            for i in range(self.offset // self.segment.page,
+                           (self.offset + self.size + self.segment.page - 1) // self.segment.page):
+                if self.segment.span_state[i] & (PAGE_CLAIMED | PAGE_UNLOCKED) != PAGE_CLAIMED:
+                    raise BufferError("a SIGBUS-mode span exports a buffer only while it is "
+                                      "handed out and locked")
         PyBuffer_FillInfo(buffer, self, self.segment.base + self.offset, self.size, 0, flags)
         self.exports += 1
         self.segment.exports += 1

@@ -667,3 +667,33 @@ def test_sigbus_mode_in_a_forked_child_with_the_handler_replaced(replace):
     """)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == "[b'\\x07', 'guarded', False, 8]\nchild 0 b'\\x07' True\n"
+
+
+SEGMENT_ACCESS = {
+    "segment.read": ("mem.segment.read(0, 4)", "PurgedPageError"),
+    "segment.write": ("mem.segment.write(4096, b'x')", "PurgedPageError"),
+    "memoryview(segment)": ("bytes(memoryview(mem.segment)[:4])", "BufferError"),
+    "span_buffer": ("bytes(memoryview(mem.segment.span_buffer(0, 4096))[:4])", "BufferError"),
+}
+
+
+@pytest.mark.skipif("madvfree-sigbus" not in AVAILABLE, reason="madvfree-sigbus does not run here")
+@pytest.mark.parametrize("access", SEGMENT_ACCESS.values(), ids=SEGMENT_ACCESS.keys())
+def test_the_segment_of_sigbus_memory_never_lets_a_discarded_page_kill_the_process(access):
+    code, error = access
+    result = run_child(f"""
+        import discache
+        mem = discache.allocate(4 * 4096, sigbus=True)
+        mem.data[:] = b"\\x07" * mem.nbytes
+        assert mem.segment.read(0, 2) == b"\\x07\\x07"   # locked: the guarded copy just copies
+        mem.unlock()
+        mem._purge()
+        try:
+            {code}
+            print("no error")
+        except (discache.PurgedPageError, BufferError) as error:
+            print(type(error).__name__)
+        print(mem.lock(), mem.purged_pages, mem.segment.read(0, 1))
+    """)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == f"{error}\nFalse 4 b'\\x00'\n"
