@@ -115,10 +115,12 @@ cdef class Segment:
                                  f"{_os.strerror(errno)}")
             self.base = <char *>mmap(NULL, self.nbytes, PROT_READ | PROT_WRITE, MAP_SHARED,
                                      self.fd, 0)
-            if self.base == <char *>MAP_FAILED and errno == EACCES:
-                self.base = NULL  # opened read-only (e.g. /proc/PID/fd/N with O_RDONLY)
-                raise ValueError("fd is not open for reading and writing: a discache shared "
-                                 "segment must be mapped read-write")
+            if self.base == <char *>MAP_FAILED and errno in (EACCES, EPERM):
+                # EACCES: opened read-only (e.g. /proc/PID/fd/N with O_RDONLY); EPERM: a memfd
+                # sealed against writes (F_SEAL_WRITE): neither is a failure to map memory.
+                self.base = NULL
+                raise ValueError("fd is not open for reading and writing, or is sealed against "
+                                 "writes: a discache shared segment must be mapped read-write")
             self.lost = <uint8_t *>calloc(n, 1)
         elif self.code == KIND_MEMFD:
             self.fd = memfd_create(b"discache-segment", MFD_CLOEXEC)

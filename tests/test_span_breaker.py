@@ -5,6 +5,7 @@ interpreter never crashes, hangs or leaks.  What may kill a process runs in a ch
 from __future__ import annotations
 
 import copy
+import fcntl
 import gc
 import math
 import os
@@ -555,9 +556,17 @@ def test_shared_memory_opened_from_what_is_not_a_sealed_memfd_is_refused(tmp_pat
     regular = os.open(tmp_path / "file", os.O_RDWR | os.O_CREAT)
     os.ftruncate(regular, 2 * PAGE)
     readonly = os.open(f"/proc/self/fd/{shm.fileno()}", os.O_RDONLY)
+    writeonly = os.open(f"/proc/self/fd/{shm.fileno()}", os.O_WRONLY)
+    path_only = os.open(f"/proc/self/fd/{shm.fileno()}", os.O_PATH)
+    # the segment's very bytes, in a memfd sealed against writes: mmap says EPERM
+    write_sealed = os.memfd_create("copy", os.MFD_ALLOW_SEALING)
+    os.write(write_sealed, os.pread(shm.fileno(), 2 * PAGE, 0))
+    fcntl.fcntl(write_sealed, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                | fcntl.F_SEAL_SEAL | fcntl.F_SEAL_WRITE)
+    opened = (read_end, write_end, regular, readonly, writeonly, path_only, write_sealed)
     before = fds_and_maps()[0]
     try:
-        for fd in (read_end, write_end, regular, readonly, 10_000, -1):
+        for fd in opened + (10_000, -1):
             with pytest.raises(ValueError):
                 DiscardableSharedMemory.open(fd, PAGE)
         for fd in (True, 1.5, "3", None):
@@ -565,7 +574,7 @@ def test_shared_memory_opened_from_what_is_not_a_sealed_memfd_is_refused(tmp_pat
                 DiscardableSharedMemory.open(fd, PAGE)
         assert fds_and_maps()[0] == before
     finally:
-        for fd in (read_end, write_end, regular, readonly):
+        for fd in opened:
             os.close(fd)
     shm.close()
 
