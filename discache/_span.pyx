@@ -82,14 +82,19 @@ cdef class DiscardableMemory:
         A lock whose result was lost counts every page purged (contents undefined)."""
         cdef uint8_t state
         if self.seg is None:
-            # A Python segment (simulated) keeps no page state: the owner's record, if it has one
-            # (a manager's _Allocation), is the next best witness.
+            # A Python segment (simulated): it says whether the span is locked; whether the
+            # owner took it back, the owner's record says (a manager's _Allocation).
             if getattr(self.ticket, "closed", False):
                 self.closed_ = True
                 self.locked = False
-            elif getattr(self.ticket, "locked", self.locked) != self.locked:
-                self.locked = not self.locked
-                if self.locked:
+                return 0
+            try:
+                locked = self.segment_.span_locked(self.first)
+            except BaseException:
+                return 0
+            if locked != self.locked:
+                self.locked = locked
+                if locked:
                     self.purged_pages = self.npages
             return 0
         state = self.seg.span_state[self.first]

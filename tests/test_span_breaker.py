@@ -325,6 +325,68 @@ def test_an_interrupted_owner_call_leaves_memory_and_owner_agreeing(backend, whe
     assert manager.stats()["allocated_bytes"] == 0
 
 
+def interrupt_at_line(function, nth: int):
+    """A trace function raising KeyboardInterrupt at the nth line event of the manager's
+    function (as a signal handler's exception could), and a list that counts the events."""
+    from discache import manager as manager_module
+
+    events: list[int] = []
+
+    def trace(frame, event, arg):
+        if (frame.f_code.co_name != function
+                or frame.f_code.co_filename != manager_module.__file__):
+            return None
+
+        def each_line(frame, event, arg):
+            if event == "line":
+                events.append(frame.f_lineno)
+                if len(events) == nth:
+                    raise KeyboardInterrupt
+            return each_line
+
+        return each_line
+
+    return trace, events
+
+
+@pytest.mark.parametrize("backend", MANAGED)
+@pytest.mark.parametrize("operation", ["lock", "unlock", "close"])
+def test_an_interrupt_at_any_line_of_the_manager_never_strands_the_memory(backend, operation):
+    for nth in range(1, 60):
+        manager = DiscardableMemoryManager(1 << 24, backend)
+        mem = manager.allocate(PAGE)
+        data = filled(mem)
+        if operation == "lock":
+            mem.unlock()
+        trace, events = interrupt_at_line(f"{operation}_span", nth)
+        sys.settrace(trace)
+        try:
+            getattr(mem, operation)()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        if len(events) < nth:
+            break  # ran to the end: every line has been interrupted once
+        # whatever the memory believes now, the segment agrees: locked memory is never purged,
+        # and the manager follows at the next call
+        manager.release_free_memory()
+        if mem.is_locked:
+            assert mem.read() == data or mem.purged_pages == mem.npages
+        if not mem.closed:
+            if mem.is_locked:
+                mem.unlock()
+            if mem.lock():
+                assert mem.read() == data
+            mem.unlock()
+            mem.lock()
+        mem.close()
+        stats = manager.stats()
+        assert stats["allocated_bytes"] == stats["locked_bytes"] == stats["purged_bytes"] == 0, nth
+    else:
+        raise AssertionError("the manager's call never ran to its end")
+
+
 # ---- views kept across unlock, close, collection -------------------------------------------------
 
 
