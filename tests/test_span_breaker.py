@@ -446,6 +446,24 @@ def test_a_view_outlives_its_dropped_memory_and_then_everything_goes(kind):
     assert abs(after[1] - before[1]) <= 2
 
 
+@pytest.mark.parametrize("backend", MANAGED)
+def test_a_view_outlives_its_memory_and_its_manager(backend):
+    DiscardableMemoryManager(1 << 24, backend).allocate(PAGE).close()  # warm up
+    before = fds_and_maps()
+    manager = DiscardableMemoryManager(1 << 24, backend)
+    mem = manager.allocate(2 * PAGE)
+    data = filled(mem, 0x4B)
+    view = mem.data[PAGE:]
+    del mem, manager
+    gc.collect()
+    assert bytes(view) == data[PAGE:]  # the segment stays mapped for the view
+    view[:1] = b"\0"
+    del view
+    after = fds_and_maps()
+    assert after[0] == before[0]
+    assert abs(after[1] - before[1]) <= 2
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_memory_dropped_without_close_leaks_nothing(kind):
     make(kind)  # warm up (imports, the simulated kernel, the SIGBUS handler)
