@@ -86,9 +86,10 @@ _os.register_at_fork(after_in_child=_own_segments_after_fork)
 cdef class Segment:
     """npages of discardable memory whose page spans lock and unlock independently; all locked."""
 
-    def __cinit__(self, npages, str kind="madvfree", bint sigbus=False, int fd=-1):
+    def __cinit__(self, npages, str kind="madvfree", bint sigbus=False, fd=-1):
         cdef Py_ssize_t n
         cdef int err
+        cdef stat info
         self.fd = -1
         self.uffd = -1
         self.page = sysconf(_SC_PAGESIZE)
@@ -96,6 +97,9 @@ cdef class Segment:
             raise ValueError(f"segment kind must be one of {SEGMENT_KINDS}, got {kind!r}")
         if sigbus and kind != "madvfree":
             raise ValueError(f"sigbus=True needs a madvfree segment, not {kind!r}")
+        if isinstance(fd, bool):  # True would be fd 1 (stdout), whose file it would punch holes in
+            raise TypeError("fd must be an int, not a bool")
+        fd = _operator.index(fd)
         if fd >= 0 and kind != "memfd":
             raise ValueError(f"only a memfd segment maps a file it is given, not {kind!r}")
         n = _validate.size(npages, "npages", (1 << 40) // self.page)
@@ -113,6 +117,12 @@ cdef class Segment:
             if self.fd < 0:
                 raise ValueError(f"fd {fd} is not an open file descriptor: "
                                  f"{_os.strerror(errno)}")
+            # Only shared memory (a memfd: it takes seals) may have holes punched in it, and only
+            # pages inside the file may be mapped (past its end, an access dies by SIGBUS).
+            if fcntl(self.fd, F_GET_SEALS) < 0:
+                raise ValueError(f"fd {fd} is not a memfd (a pipe, a regular file...)")
+            if fstat(self.fd, &info) != 0 or <size_t>info.st_size < <size_t>self.nbytes:
+                raise ValueError(f"the memfd holds fewer than the segment's {self.nbytes} bytes")
             self.base = <char *>mmap(NULL, self.nbytes, PROT_READ | PROT_WRITE, MAP_SHARED,
                                      self.fd, 0)
             if self.base == <char *>MAP_FAILED and errno in (EACCES, EPERM):

@@ -786,3 +786,31 @@ def test_the_segment_of_sigbus_memory_never_lets_a_discarded_page_kill_the_proce
     """)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == f"{error}\nFalse 4 b'\\x00'\n"
+
+
+def test_a_segment_given_a_file_that_is_not_a_big_enough_memfd_is_refused(tmp_path):
+    # A shared Segment punches holes in the file it maps: given fd=True (fd 1) or a regular file
+    # it zeroed the user's file; given a memfd smaller than itself, a page past its end killed
+    # the process by SIGBUS.
+    regular = os.open(tmp_path / "precious", os.O_RDWR | os.O_CREAT)
+    os.write(regular, b"precious" * 1024)
+    small = os.memfd_create("small")
+    os.ftruncate(small, PAGE)
+    read_end, write_end = os.pipe()
+    before = fds_and_maps()
+    try:
+        for fd, error in ((True, TypeError), (1.0, TypeError), (regular, ValueError),
+                          (small, ValueError), (read_end, ValueError), (10_000, ValueError)):
+            with pytest.raises(error):
+                _core.Segment(4, "memfd", fd=fd)
+        assert fds_and_maps() == before
+        assert os.pread(regular, 8, 0) == b"precious"
+        segment = _core.Segment(1, "memfd", fd=small)  # its very size: shared as asked
+        segment.write(0, b"shared")
+        assert os.pread(small, 6, 0) == b"shared"
+        segment.discard_span(0, 1)
+        assert os.pread(small, 6, 0) == bytes(6)
+        segment.close()
+    finally:
+        for fd in (regular, small, read_end, write_end):
+            os.close(fd)
