@@ -15,6 +15,17 @@ cimport cython
 from discache.errors import PurgedError as _PurgedError, PurgedPageError as _PurgedPageError
 
 
+# discache.tracing's recorder while a trace is recorded, else None: a C global, so that a hook
+# costs one pointer comparison (set through _set_recorder by discache.tracing alone).
+cdef object _recorder = None
+
+
+def _set_recorder(recorder) -> None:
+    """Where DiscardableMemory reports its events (discache.tracing), or None."""
+    global _recorder
+    _recorder = recorder
+
+
 _SPAN_OWNER_METHODS = ("lock_span", "unlock_span", "close_span", "purge_span", "reclaim_span",
                        "span_buffer")
 
@@ -64,6 +75,7 @@ cdef class DiscardableMemory:
         self.ticket = ticket
         self.backend = backend if backend is not None else owner.backend
         self.locked = True
+        if _recorder is not None: _recorder.allocate(self)
 
     def __dealloc__(self):
         # Dropped without close(): the pages are no longer held (the owner releases them).
@@ -207,6 +219,7 @@ cdef class DiscardableMemory:
             lost = self.segment_.lock_span(self.first, self.npages)
         self.locked = True
         self.purged_pages = lost
+        if _recorder is not None: _recorder.lock(self, lost)
         return lost == 0
 
     def unlock(self) -> None:
@@ -234,6 +247,7 @@ cdef class DiscardableMemory:
         else:
             self.segment_.unlock_span(self.first, self.npages)
         self.locked = False
+        if _recorder is not None: _recorder.unlock(self)
         return 0
 
     def prepare_unlock(self) -> None:
@@ -260,6 +274,7 @@ cdef class DiscardableMemory:
                                "unlock()")
         self._asking(False)
         self.locked = False
+        if _recorder is not None: _recorder.unlock(self)
 
     def close(self) -> None:
         """Free the memory (locked or not); calling it again does nothing."""
@@ -290,6 +305,7 @@ cdef class DiscardableMemory:
             self.segment_.close()
         self.closed_ = True
         self.locked = False
+        if _recorder is not None: _recorder.close(self)
 
     def _purge(self) -> int:
         """Discard the pages now if unlocked (a policy's purge); returns how many went."""
@@ -305,12 +321,18 @@ cdef class DiscardableMemory:
         if self.owner is not None:
             return self.owner.purge_span(self)
         self.segment_.discard_span(self.first, self.npages)
+        if _recorder is not None: _recorder.purge(self)
         return self.npages
 
     def _force_reclaim(self, Py_ssize_t first=0, Py_ssize_t count=-1) -> int:
         """Make the kernel reclaim pages [first, first+count) of the span (-1: to the end) now
         if unlocked (discache.force_reclaim); returns how many are gone.  A manager's span and
         a simulated one are reclaimed whole."""
+        gone = self._reclaim_now(first, count)
+        if _recorder is not None and not self.locked: _recorder.reclaim(self, gone)
+        return gone
+
+    def _reclaim_now(self, Py_ssize_t first, Py_ssize_t count) -> int:
         if count < 0:
             count = self.npages - first
         if first < 0 or count <= 0 or first + count > self.npages:
@@ -419,6 +441,7 @@ cdef class DiscardableMemory:
     cdef int _raise_purged(self, size_t address) except -1:
         cdef size_t page_address = address - address % self.seg.page
         cdef size_t start = <size_t>(self.seg.base + self.first * self.seg.page)
+        if _recorder is not None: _recorder.detected(self, address - start)
         raise _PurgedPageError(
             page_address, f"page at offset {page_address - start} (address "
             f"{page_address:#x}) was purged while unlocked; lock() the memory and refill it")
@@ -431,6 +454,7 @@ cdef class DiscardableMemory:
         if size < 0 and offset >= 0 and offset <= self.nbytes:
             size = self.nbytes - offset
         self._check_access(offset, size)
+        if _recorder is not None: _recorder.access(self, offset, size, False)
         if self.locked:
             if self.seg is None:
                 with memoryview(self._exporter()) as whole:
@@ -457,6 +481,7 @@ cdef class DiscardableMemory:
             if offset >= 0 and offset <= self.nbytes and size > self.nbytes - offset:
                 size = self.nbytes - offset
             self._check_access(offset, size)
+            if _recorder is not None: _recorder.access(self, offset, size, False)
             if self.locked and self.seg is None:
                 with memoryview(self._exporter()) as whole:
                     memoryview(buffer).cast("B")[:size] = whole[offset:offset + size]
@@ -483,6 +508,7 @@ cdef class DiscardableMemory:
         try:
             size = source.len
             self._check_access(offset, size)
+            if _recorder is not None: _recorder.access(self, offset, size, True)
             if self.locked and self.seg is None:
                 with memoryview(self._exporter()) as whole:
                     whole[offset:offset + size] = memoryview(data).cast("B")

@@ -7,7 +7,7 @@ import weakref
 from collections import Counter, OrderedDict
 from typing import Any, Callable, Optional
 
-from . import _core, backends, forking, validate
+from . import _core, backends, forking, tracing, validate
 from .errors import PurgedError
 from .heap import Span, SpanHeap
 from .memory import DiscardableMemory
@@ -377,6 +377,7 @@ class DiscardableMemoryManager:
 
     def _purge_one(self, record: _Allocation, reason: str) -> int:
         record.segment.discard_span(record.span.first, record.span.npages)
+        if tracing.active is not None: tracing.active.purge(record.memory and record.memory())
         record.purged = True
         size = record.span.npages * PAGE
         self.bytes_purged += size
