@@ -4,6 +4,7 @@ from libc.stdint cimport uint64_t
 cdef extern from "<errno.h>":
     int errno
     int EACCES
+    int EPERM
 
 cdef extern from "<unistd.h>" nogil:
     long sysconf(int name)

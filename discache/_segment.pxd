@@ -15,6 +15,7 @@ cdef class Segment:
     cdef bint uffd_lost             # SIGBUS mode: a forked child could not register the mapping
     cdef uint64_t *saved            # madvfree: each unlocked page's first word (the cookie's place)
     cdef uint8_t *lost              # memfd: pages discarded by discard_span since their last lock
+    cdef uint8_t *span_state        # per page: PAGE_CLAIMED | PAGE_UNLOCKED | PAGE_HELD | PAGE_ASKING
     cdef unsigned char *residency   # SIGBUS mode: a mincore vector of npages
     cdef Py_ssize_t exports         # live buffers of the mapping: close() waits for them
     cdef Py_ssize_t claimed         # pages handed out as spans: close() refuses while any are
@@ -22,6 +23,9 @@ cdef class Segment:
                                     # by a forked child)
     cdef bint orphaned              # a forked child without a memfd of its own: pages all lost
     cdef bint busy                  # a page loop runs without the GIL: other calls must wait
+    cdef Py_ssize_t busy_first      # the pages it runs over
+    cdef Py_ssize_t busy_count
+    cdef bint busy_unlocking        # it is an unlock (else a lock)
     cdef readonly int reclaim_attempts  # rounds the last reclaim_span needed
     cdef object __weakref__
 
@@ -35,11 +39,23 @@ cdef class Segment:
     cdef int _check_span(self, Py_ssize_t first, Py_ssize_t count) except -1
     cdef int _check_open(self) except -1
     cdef Py_ssize_t _lock(self, Py_ssize_t first, Py_ssize_t count) except -1
+    cdef Py_ssize_t _lock_pages(self, Py_ssize_t first, Py_ssize_t count) except -1
     cdef int _unlock(self, Py_ssize_t first, Py_ssize_t count) except -1
+    cdef int _unlock_pages(self, Py_ssize_t first, Py_ssize_t count) except -1
     cdef int _punch(self, Py_ssize_t first, Py_ssize_t count) noexcept nogil
     cdef int _drop(self, Py_ssize_t first, Py_ssize_t count, uint8_t lost) except -1
     cdef int _check_unlocked_access(self) except -1
+    cdef int _check_spans_state(self, Py_ssize_t first, Py_ssize_t count, bint locking) except -1
+    cdef int _check_not_held(self, Py_ssize_t first, Py_ssize_t count, str what) except -1
+    cdef int _check_discardable(self, Py_ssize_t first, Py_ssize_t count) except -1
+    cdef int _set_state(self, Py_ssize_t first, Py_ssize_t count, uint8_t bits, bint on) noexcept
+    cdef int _hold(self, Py_ssize_t first, Py_ssize_t count, bint whole) except -1
+    cdef int _enter_busy(self, Py_ssize_t first, Py_ssize_t count, bint unlocking) except -1
+    cdef int _leave_busy(self) except -1
+    cdef bint _busy_with(self, Py_ssize_t first, Py_ssize_t count) noexcept
+    cdef void _finish_after_fork(self) noexcept
     cdef bint _copy_data_into(self, int fd) noexcept
+    cdef int _copy(self, char *dst, const char *src, Py_ssize_t size) except -1
     cdef void _own_pages_after_fork(self) noexcept
 
 

@@ -13,20 +13,32 @@
 # lock = ASHMEM_PIN, which answers for the whole span at once.
 
 from cpython.buffer cimport PyBuffer_FillInfo
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport uint64_t, uint8_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
 
 import weakref as _weakref
 
-from discache.errors import BackendUnavailableError as _BackendUnavailableError
+from discache.errors import (
+    BackendUnavailableError as _BackendUnavailableError, PurgedPageError as _PurgedPageError,
+)
 
 SEGMENT_KINDS = ("madvfree", "memfd", "ashmem")
 cdef enum:
     KIND_MADVFREE = 0
     KIND_MEMFD = 1
     KIND_ASHMEM = 2
+
+# What a segment knows of each page handed out, so that a span method called on someone else's
+# span (through mem.segment, or a second DiscardableMemory made over it) is refused instead of
+# silently discarding, unlocking or re-handing out memory that is in use.  Pages never claimed
+# (a segment used on its own, without spans) are not checked.
+cdef enum:
+    PAGE_CLAIMED = 1    # handed out (claim_span) and not released since
+    PAGE_UNLOCKED = 2   # a claimed page unlocked: it may be discarded
+    PAGE_HELD = 4       # a live DiscardableMemory holds it: only that memory changes it
+    PAGE_ASKING = 8     # that memory is asking its owner (a manager) for a change right now
 
 # Page loops over at least this many pages run without the GIL.
 cdef Py_ssize_t NOGIL_PAGES = 2048
@@ -49,13 +61,23 @@ cdef extern from "<errno.h>" nogil:
 # (no UFFD_FEATURE_EVENT_FORK).
 _SHARED_SEGMENTS = _weakref.WeakSet()
 _SIGBUS_SEGMENTS = _weakref.WeakSet()
+# Segments whose page loop runs without the GIL right now: a child forked meanwhile has no thread
+# to finish it, and would find the segment busy forever (see _finish_after_fork).
+_BUSY_SEGMENTS = set()
+# Incremented in every forked child: state counted by threads of the parent is stale below it.
+cdef unsigned long _fork_generation = 0
 
 
 def _own_segments_after_fork() -> None:
+    global _fork_generation
+    _fork_generation += 1
     for segment in list(_SHARED_SEGMENTS):
         (<Segment>segment)._own_pages_after_fork()
     for segment in list(_SIGBUS_SEGMENTS):
         (<Segment>segment)._register_after_fork()
+    for segment in list(_BUSY_SEGMENTS):
+        (<Segment>segment)._finish_after_fork()
+    _BUSY_SEGMENTS.clear()
 
 
 _os.register_at_fork(after_in_child=_own_segments_after_fork)
@@ -64,9 +86,10 @@ _os.register_at_fork(after_in_child=_own_segments_after_fork)
 cdef class Segment:
     """npages of discardable memory whose page spans lock and unlock independently; all locked."""
 
-    def __cinit__(self, npages, str kind="madvfree", bint sigbus=False, int fd=-1):
+    def __cinit__(self, npages, str kind="madvfree", bint sigbus=False, fd=-1):
         cdef Py_ssize_t n
         cdef int err
+        cdef stat info
         self.fd = -1
         self.uffd = -1
         self.page = sysconf(_SC_PAGESIZE)
@@ -74,6 +97,9 @@ cdef class Segment:
             raise ValueError(f"segment kind must be one of {SEGMENT_KINDS}, got {kind!r}")
         if sigbus and kind != "madvfree":
             raise ValueError(f"sigbus=True needs a madvfree segment, not {kind!r}")
+        if isinstance(fd, bool):  # True would be fd 1 (stdout), whose file it would punch holes in
+            raise TypeError("fd must be an int, not a bool")
+        fd = _operator.index(fd)
         if fd >= 0 and kind != "memfd":
             raise ValueError(f"only a memfd segment maps a file it is given, not {kind!r}")
         n = _validate.size(npages, "npages", (1 << 40) // self.page)
@@ -91,12 +117,20 @@ cdef class Segment:
             if self.fd < 0:
                 raise ValueError(f"fd {fd} is not an open file descriptor: "
                                  f"{_os.strerror(errno)}")
+            # Only shared memory (a memfd: it takes seals) may have holes punched in it, and only
+            # pages inside the file may be mapped (past its end, an access dies by SIGBUS).
+            if fcntl(self.fd, F_GET_SEALS) < 0:
+                raise ValueError(f"fd {fd} is not a memfd (a pipe, a regular file...)")
+            if fstat(self.fd, &info) != 0 or <size_t>info.st_size < <size_t>self.nbytes:
+                raise ValueError(f"the memfd holds fewer than the segment's {self.nbytes} bytes")
             self.base = <char *>mmap(NULL, self.nbytes, PROT_READ | PROT_WRITE, MAP_SHARED,
                                      self.fd, 0)
-            if self.base == <char *>MAP_FAILED and errno == EACCES:
-                self.base = NULL  # opened read-only (e.g. /proc/PID/fd/N with O_RDONLY)
-                raise ValueError("fd is not open for reading and writing: a discache shared "
-                                 "segment must be mapped read-write")
+            if self.base == <char *>MAP_FAILED and errno in (EACCES, EPERM):
+                # EACCES: opened read-only (e.g. /proc/PID/fd/N with O_RDONLY); EPERM: a memfd
+                # sealed against writes (F_SEAL_WRITE): neither is a failure to map memory.
+                self.base = NULL
+                raise ValueError("fd is not open for reading and writing, or is sealed against "
+                                 "writes: a discache shared segment must be mapped read-write")
             self.lost = <uint8_t *>calloc(n, 1)
         elif self.code == KIND_MEMFD:
             self.fd = memfd_create(b"discache-segment", MFD_CLOEXEC)
@@ -124,7 +158,8 @@ cdef class Segment:
             err = errno
             self.base = NULL
             raise MemoryError(f"cannot map {self.nbytes} bytes: {_os.strerror(err)}")
-        if self.saved == NULL and self.lost == NULL and not sigbus:
+        self.span_state = <uint8_t *>calloc(n, 1)
+        if self.span_state == NULL or (self.saved == NULL and self.lost == NULL and not sigbus):
             raise MemoryError("cannot allocate a segment's page records")
         if self.code == KIND_MEMFD and not self.shared:
             _SHARED_SEGMENTS.add(self)
@@ -251,6 +286,7 @@ cdef class Segment:
         free(self.saved)
         free(self.lost)
         free(self.residency)
+        free(self.span_state)
 
     cdef void _close_files(self) noexcept:
         if self.fd >= 0:
@@ -287,8 +323,109 @@ cdef class Segment:
                              f"{self.npages} pages")
         return 0
 
+    cdef int _check_spans_state(self, Py_ssize_t first, Py_ssize_t count, bint locking) except -1:
+        """Refuse to lock claimed pages that are locked, or to unlock ones that are unlocked: a
+        second lock would report intact pages purged, a second unlock would save the cookie as
+        the page's data."""
+        cdef Py_ssize_t i
+        cdef uint8_t state
+        for i in range(first, first + count):
+            state = self.span_state[i]
+            if state & PAGE_CLAIMED and (state & PAGE_UNLOCKED == 0) == locking:
+                raise RuntimeError(f"pages [{first}, {first} + {count}) are "
+                                   f"{'already locked' if locking else 'not locked'}")
+        return 0
+
+    cdef int _check_not_held(self, Py_ssize_t first, Py_ssize_t count, str what) except -1:
+        """Refuse a span method called from outside on pages a live DiscardableMemory holds
+        (unless that memory is asking its owner for this very change)."""
+        cdef Py_ssize_t i
+        for i in range(first, first + count):
+            if self.span_state[i] & (PAGE_HELD | PAGE_ASKING) == PAGE_HELD:
+                raise RuntimeError(f"pages [{first}, {first} + {count}) are held by a "
+                                   f"DiscardableMemory: {what} it through the memory, not its "
+                                   "segment")
+        return 0
+
+    cdef int _check_discardable(self, Py_ssize_t first, Py_ssize_t count) except -1:
+        cdef Py_ssize_t i
+        for i in range(first, first + count):
+            if self.span_state[i] & (PAGE_CLAIMED | PAGE_UNLOCKED) == PAGE_CLAIMED:
+                raise RuntimeError(f"pages [{first}, {first} + {count}) are locked: locked "
+                                   "memory is never discarded")
+        return 0
+
+    cdef int _set_state(self, Py_ssize_t first, Py_ssize_t count, uint8_t bits, bint on) noexcept:
+        cdef Py_ssize_t i
+        for i in range(first, first + count):
+            if on:
+                self.span_state[i] |= bits
+            else:
+                self.span_state[i] &= ~bits
+        return 0
+
+    cdef int _hold(self, Py_ssize_t first, Py_ssize_t count, bint whole) except -1:
+        """A DiscardableMemory takes pages [first, first+count), handed out by claim_span and
+        held by no other memory; whole: it is the memory of a segment of one span."""
+        cdef Py_ssize_t i
+        self._check_span(first, count)
+        if whole and (first != 0 or count != self.npages):
+            raise ValueError(f"a DiscardableMemory without an owner spans its whole segment, "
+                             f"pages [0, {self.npages}), not [{first}, {first} + {count})")
+        for i in range(first, first + count):
+            if not self.span_state[i] & PAGE_CLAIMED:
+                raise ValueError(f"pages [{first}, {first} + {count}) were not handed out by "
+                                 "claim_span(): use discache.allocate() or a manager")
+            if self.span_state[i] & PAGE_HELD:
+                raise RuntimeError(f"pages [{first}, {first} + {count}) are held by another "
+                                   "DiscardableMemory")
+        self._set_state(first, count, PAGE_HELD, True)
+        return 0
+
+    cdef int _enter_busy(self, Py_ssize_t first, Py_ssize_t count, bint unlocking) except -1:
+        self.busy = True
+        self.busy_first = first
+        self.busy_count = count
+        self.busy_unlocking = unlocking
+        _BUSY_SEGMENTS.add(self)
+        return 0
+
+    cdef int _leave_busy(self) except -1:
+        self.busy = False
+        _BUSY_SEGMENTS.discard(self)
+        return 0
+
+    cdef bint _busy_with(self, Py_ssize_t first, Py_ssize_t count) noexcept:
+        """Does the page loop running without the GIL cover any of pages [first, first+count)?
+        (Another span of the same manager segment is free to use meanwhile.)"""
+        return (self.busy and first < self.busy_first + self.busy_count
+                and self.busy_first < first + count)
+
+    cdef void _finish_after_fork(self) noexcept:
+        """In a forked child, of a segment whose lock or unlock loop was running in another
+        thread at fork(): the memory still believes in the state before that call (it changes
+        its own state after the loop), so an unlock is undone (a lock half done is harmless:
+        the next lock() counts the pages it restored as purged, never the reverse)."""
+        cdef char *start = self.base + self.busy_first * self.page
+        self.busy = False
+        if self.base == NULL or not self.busy_unlocking:
+            return
+        if self.saved != NULL:
+            dc_cookie_lock(start, self.busy_count, self.page, self.saved + self.busy_first)
+        elif self.sigbus:
+            # Rewrite every page (MADV_FREE may have run): a locked page must not be discarded.
+            dc_sigbus_lock(start, self.busy_count, self.page, -1 if self.uffd_lost else self.uffd,
+                           NULL if self.uffd_lost else self.residency + self.busy_first)
+
     cdef Py_ssize_t _lock(self, Py_ssize_t first, Py_ssize_t count) except -1:
         """Lock a checked span; how many of its pages were discarded while it was unlocked."""
+        cdef Py_ssize_t purged
+        self._check_spans_state(first, count, True)
+        purged = self._lock_pages(first, count)
+        self._set_state(first, count, PAGE_UNLOCKED, False)
+        return purged
+
+    cdef Py_ssize_t _lock_pages(self, Py_ssize_t first, Py_ssize_t count) except -1:
         cdef char *start = self.base + first * self.page
         cdef long purged = 0
         cdef Py_ssize_t i
@@ -307,10 +444,10 @@ cdef class Segment:
         if not self.sigbus:
             if count < NOGIL_PAGES:
                 return dc_cookie_lock(start, count, self.page, self.saved + first)
-            self.busy = True
+            self._enter_busy(first, count, False)
             with nogil:
                 purged = dc_cookie_lock(start, count, self.page, self.saved + first)
-            self.busy = False
+            self._leave_busy()
             return purged
         # A purged page faults here: our handler must be the one to catch it.
         if dc_install_sigbus_handler() != 0:
@@ -322,11 +459,11 @@ cdef class Segment:
         if count < NOGIL_PAGES:
             purged = dc_sigbus_lock(start, count, self.page, self.uffd, self.residency + first)
         else:
-            self.busy = True
+            self._enter_busy(first, count, False)
             with nogil:
                 purged = dc_sigbus_lock(start, count, self.page, self.uffd,
                                         self.residency + first)
-            self.busy = False
+            self._leave_busy()
         if purged < 0:
             err = errno
             raise _oserror(err, "cannot fill a purged page through the userfaultfd")
@@ -334,6 +471,12 @@ cdef class Segment:
 
     cdef int _unlock(self, Py_ssize_t first, Py_ssize_t count) except -1:
         """Unlock a checked span: the kernel (madvfree, ashmem) or a policy may discard it."""
+        self._check_spans_state(first, count, False)
+        self._unlock_pages(first, count)
+        self._set_state(first, count, PAGE_UNLOCKED, True)
+        return 0
+
+    cdef int _unlock_pages(self, Py_ssize_t first, Py_ssize_t count) except -1:
         cdef char *start = self.base + first * self.page
         cdef size_t length = count * self.page
         cdef uint64_t *saved = self.saved + first if self.saved != NULL else NULL
@@ -349,12 +492,12 @@ cdef class Segment:
                 dc_cookie_unlock(start, count, self.page, saved)
             rc = madvise(start, length, MADV_FREE)
         else:
-            self.busy = True
+            self._enter_busy(first, count, True)
             with nogil:
                 if saved != NULL:
                     dc_cookie_unlock(start, count, self.page, saved)
                 rc = madvise(start, length, MADV_FREE)
-            self.busy = False
+            self._leave_busy()
         if rc != 0:
             err = errno
             if saved != NULL:
@@ -365,11 +508,13 @@ cdef class Segment:
     def lock_span(self, Py_ssize_t first, Py_ssize_t count) -> int:
         """Lock pages [first, first+count); returns how many of them were discarded meanwhile."""
         self._check_span(first, count)
+        self._check_not_held(first, count, "lock")
         return self._lock(first, count)
 
     def unlock_span(self, Py_ssize_t first, Py_ssize_t count) -> None:
         """Unlock pages [first, first+count): the kernel (madvfree) or a policy may discard them."""
         self._check_span(first, count)
+        self._check_not_held(first, count, "unlock")
         self._unlock(first, count)
 
     def unlock_spans(self, spans) -> int:
@@ -379,6 +524,12 @@ cdef class Segment:
         ordered = sorted(spans)
         for first, count in ordered:
             self._check_span(first, count)
+            if first < run_end:  # overlapping spans: the second unlock would refuse half-way
+                raise ValueError(f"spans overlap at page {first}")
+            run_end = first + count
+            self._check_not_held(first, count, "unlock")
+            self._check_spans_state(first, count, False)
+        run_end = -1
         for first, count in ordered:
             if first == run_end:
                 run_end += count
@@ -395,12 +546,17 @@ cdef class Segment:
     def discard_span(self, Py_ssize_t first, Py_ssize_t count) -> None:
         """Throw an unlocked span's pages away now (a policy purge); the next lock reports them."""
         self._check_span(first, count)
+        self._check_discardable(first, count)
         self._drop(first, count, 1)
 
     def claim_span(self, Py_ssize_t first, Py_ssize_t count) -> None:
         """Hand out pages as a new locked span: forget what happened to their last owner."""
         cdef Py_ssize_t i
         self._check_span(first, count)
+        for i in range(first, first + count):
+            if self.span_state[i] & PAGE_CLAIMED:
+                # Claimed again, its lost marks would be forgotten: a purge never reported.
+                raise RuntimeError(f"pages [{first}, {first} + {count}) are already handed out")
         if self.lost != NULL:
             for i in range(first, first + count):
                 self.lost[i] = 0
@@ -410,12 +566,18 @@ cdef class Segment:
                                                         count * self.page) < 0:
             raise _oserror(errno, "ASHMEM_PIN")
         self.claimed += count
+        self._set_state(first, count, PAGE_CLAIMED, True)
+        self._set_state(first, count, PAGE_UNLOCKED, False)
 
     def release_span(self, Py_ssize_t first, Py_ssize_t count) -> None:
         """Give a freed span's pages back to the kernel (MADV_DONTNEED / punch hole)."""
+        cdef Py_ssize_t i
         self._check_span(first, count)
+        self._check_not_held(first, count, "close")
         self._drop(first, count, 0)
-        self.claimed -= count
+        for i in range(first, first + count):
+            self.claimed -= self.span_state[i] & PAGE_CLAIMED  # a page never claimed: no count
+            self.span_state[i] = 0
 
     cdef int _drop(self, Py_ssize_t first, Py_ssize_t count, uint8_t lost) except -1:
         """Free the pages (they read back as zeros, or fault in SIGBUS mode); memfd: record them
@@ -452,6 +614,7 @@ cdef class Segment:
         madvfree: see reclaim_unlocked (a page the kernel keeps is not counted).  memfd: without
         swap the kernel cannot reclaim shmem, so this punches a hole; ashmem: a purge."""
         self._check_span(first, count)
+        self._check_discardable(first, count)
         if self.code != KIND_MADVFREE:
             self.discard_span(first, count)
             return count
@@ -493,12 +656,31 @@ cdef class Segment:
             raise _oserror(errno, "cannot reinstall the SIGBUS handler")
         return 0
 
+    cdef int _copy(self, char *dst, const char *src, Py_ssize_t size) except -1:
+        """memcpy to or from the mapping; in SIGBUS mode guarded, since a discarded page (of an
+        unlocked or released span) faults: PurgedPageError instead of the process dying."""
+        cdef size_t fault = 0, page_address
+        if not self.sigbus:
+            memcpy(dst, src, size)
+            return 0
+        if not dc_sigbus_handler_installed() and dc_install_sigbus_handler() != 0:
+            raise _oserror(errno, "cannot reinstall the SIGBUS handler")
+        if dc_guarded_copy(dst, src, size, <size_t>self.base, <size_t>(self.base + self.nbytes),
+                           &fault) != 0:
+            page_address = fault - fault % self.page
+            raise _PurgedPageError(page_address, f"page at offset {page_address - <size_t>self.base}"
+                                   " of the segment was discarded: lock its span and refill it")
+        return 0
+
     def read(self, Py_ssize_t offset, Py_ssize_t size) -> bytes:
         """Copy size bytes out from offset (the caller has the span locked)."""
+        cdef bytes out
         self._check_open()
         if offset < 0 or size < 0 or offset > self.nbytes - size:
             raise IndexError(f"bytes [{offset}, {offset} + {size}) are outside the segment")
-        return PyBytes_FromStringAndSize(self.base + offset, size)
+        out = PyBytes_FromStringAndSize(NULL, size)
+        self._copy(PyBytes_AS_STRING(out), self.base + offset, size)
+        return out
 
     def write(self, Py_ssize_t offset, const unsigned char[::1] data) -> int:
         """Copy data in at offset (the caller has the span locked); returns its length."""
@@ -507,11 +689,15 @@ cdef class Segment:
         if offset < 0 or offset > self.nbytes - size:
             raise IndexError(f"bytes [{offset}, {offset} + {size}) are outside the segment")
         if size:
-            memcpy(self.base + offset, &data[0], size)
+            self._copy(self.base + offset, <const char *>&data[0], size)
         return size
 
     def __getbuffer__(self, Py_buffer *buffer, int flags):
         self._check_open()
+        if self.sigbus:
+            # A raw view would reach unlocked pages, and one the kernel discarded kills the process.
+            raise BufferError("a SIGBUS-mode segment exports no buffer of itself: use its "
+                              "memory's .data (locked) or read()/write()")
         PyBuffer_FillInfo(buffer, self, self.base, self.nbytes, 0, flags)
         self.exports += 1
 
@@ -570,7 +756,15 @@ cdef class SpanBuffer:
         self.size = size
 
     def __getbuffer__(self, Py_buffer *buffer, int flags):
+        cdef Py_ssize_t i
         self.segment._check_open()
+        if self.segment.sigbus:
+            # Raw access to a discarded page kills the process: only claimed, locked pages.
+            for i in range(self.offset // self.segment.page,
+                           (self.offset + self.size + self.segment.page - 1) // self.segment.page):
+                if self.segment.span_state[i] & (PAGE_CLAIMED | PAGE_UNLOCKED) != PAGE_CLAIMED:
+                    raise BufferError("a SIGBUS-mode span exports a buffer only while it is "
+                                      "handed out and locked")
         PyBuffer_FillInfo(buffer, self, self.segment.base + self.offset, self.size, 0, flags)
         self.exports += 1
         self.segment.exports += 1

@@ -19,10 +19,12 @@ cdef class DiscardableSharedMemory:
     cdef Py_ssize_t exports
     cdef bint busy                  # a punch-hole runs without the GIL; close() must wait
     cdef Py_ssize_t lockers         # lock() calls in progress: purge() yields to them
+    cdef unsigned long generation   # the fork generation busy and lockers were counted in
     cdef object __weakref__
 
     cdef int _map(self, int fd, Py_ssize_t nbytes, bint create) except -1
     cdef int _check_open(self) except -1
+    cdef void _forget_threads_of_parent(self) noexcept
     cdef int _check_range(self, object offset, object length,
                           Py_ssize_t *first, Py_ssize_t *end) except -1
     cdef int _punch(self) except -1

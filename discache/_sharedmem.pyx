@@ -60,6 +60,7 @@ cdef class DiscardableSharedMemory:
 
     def __cinit__(self):
         self.life_fd = -1
+        self.generation = _fork_generation
 
     def __init__(self):
         raise TypeError("use DiscardableSharedMemory.create(nbytes) or .open(fd, nbytes)")
@@ -83,7 +84,10 @@ cdef class DiscardableSharedMemory:
         """Map a segment made by create() in any process; fd is duplicated, not taken over."""
         cdef DiscardableSharedMemory self = cls.__new__(cls)
         cdef Py_ssize_t n = _check_nbytes(nbytes)
-        cdef int raw = _operator.index(fd)
+        cdef int raw
+        if isinstance(fd, bool):  # True would map stdout's descriptor (fd 1)
+            raise TypeError("fd must be an int, not a bool")
+        raw = _operator.index(fd)
         if raw < 0:
             raise ValueError(f"fd {fd} is not an open file descriptor")
         self._map(raw, n, False)
@@ -174,7 +178,16 @@ cdef class DiscardableSharedMemory:
             close(self.life_fd)
         free(self.page_locked)
 
+    cdef void _forget_threads_of_parent(self) noexcept:
+        """In a forked child, a hole punch or lock() that ran in another thread at fork() never
+        ends: its busy flag would refuse (or make lock() wait) forever, its count starve purge()."""
+        if self.generation != _fork_generation:
+            self.generation = _fork_generation
+            self.busy = False
+            self.lockers = 0
+
     cdef int _check_open(self) except -1:
+        self._forget_threads_of_parent()
         if self.base == NULL:
             raise ValueError("shared memory is closed")
         if self.busy:
@@ -202,6 +215,7 @@ cdef class DiscardableSharedMemory:
         """Lock pages [offset, offset+length) (0: to the end): SUCCESS, PURGED or FAILED."""
         # Counted while it runs: a purge looping in another thread yields to it (else it could
         # hold the lock bit, or the instance for its hole punch, at every attempt).
+        self._forget_threads_of_parent()
         self.lockers += 1
         try:
             while self.busy and self.base != NULL:

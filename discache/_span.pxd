@@ -8,7 +8,8 @@ cdef class DiscardableMemory:
     cdef readonly Py_ssize_t npages
     cdef readonly Py_ssize_t nbytes
     cdef readonly str backend
-    cdef public object ticket       # the owner's record of the span
+    cdef readonly object ticket     # the owner's record of the span (readonly: another record
+                                    # put here would make the owner lock someone else's span)
     cdef readonly Py_ssize_t purged_pages   # pages the last lock() found purged
     cdef bint locked
     cdef bint closed_
@@ -20,6 +21,8 @@ cdef class DiscardableMemory:
     cdef dict __dict__              # a caller's own attributes, as on any Python object
 
     cdef object _mutex(self)
+    cdef int _asking(self, bint on) noexcept
+    cdef int _resync(self) noexcept
     cdef int _check_open(self) except -1
     cdef int _check_locked(self) except -1
     cdef object _exporter(self)

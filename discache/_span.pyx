@@ -10,6 +10,7 @@ from cpython.buffer cimport (
 )
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.string cimport memmove
+cimport cython
 
 from discache.errors import PurgedError as _PurgedError, PurgedPageError as _PurgedPageError
 
@@ -25,21 +26,47 @@ def _set_recorder(recorder) -> None:
     _recorder = recorder
 
 
+_SPAN_OWNER_METHODS = ("lock_span", "unlock_span", "close_span", "purge_span", "reclaim_span",
+                       "span_buffer")
+
+
+# Not cleared by the collector: __dealloc__ needs its segment to let go of the pages it held.
+@cython.no_gc_clear
 cdef class DiscardableMemory:
     """Memory the system may discard while unlocked; lock() reports whether it did.
 
     Made by discache.allocate() and DiscardableMemoryManager.allocate(), returned locked."""
 
-    def __cinit__(self, owner, segment, Py_ssize_t first, Py_ssize_t npages, Py_ssize_t nbytes,
-                  ticket=None, str backend=None):
-        if isinstance(segment, Segment):
-            self.seg = <Segment>segment
-            self.seg._check_span(first, npages)
-        elif getattr(segment, "claim_span", None) is None or not hasattr(segment, "mutex"):
-            raise TypeError(f"a DiscardableMemory is a span of a segment, not of a "
-                            f"{type(segment).__name__}; use discache.allocate()")
-        if npages <= 0 or nbytes <= 0 or nbytes > npages * page_size():
+    def __cinit__(self, owner, segment, first, npages, nbytes, ticket=None, str backend=None):
+        # Checked as sizes, not as C integers: a bool would pass as page 1, a numpy integer
+        # above the range would wrap.
+        first = _validate.size(first, "first", zero=True)
+        npages = _validate.size(npages, "npages")
+        nbytes = _validate.size(nbytes, "nbytes")
+        if nbytes > npages * page_size():
             raise ValueError(f"{nbytes} bytes do not fit a span of {npages} pages")
+        if owner is not None:
+            missing = [name for name in _SPAN_OWNER_METHODS + ("mutex", "backend")
+                       if not hasattr(owner, name)]
+            if missing:
+                raise TypeError(f"the owner of a span must be a SpanOwner (a "
+                                f"DiscardableMemoryManager); a {type(owner).__name__} has no "
+                                f"{', '.join(missing)}")
+        elif backend is None:
+            raise TypeError("a DiscardableMemory without an owner needs backend=; use "
+                            "discache.allocate()")
+        if not isinstance(segment, Segment):
+            if (getattr(segment, "claim_span", None) is None or not hasattr(segment, "mutex")
+                    or not isinstance(getattr(segment, "npages", None), int)):
+                raise TypeError(f"a DiscardableMemory is a span of a segment, not of a "
+                                f"{type(segment).__name__}; use discache.allocate()")
+            if first + npages > segment.npages:
+                raise IndexError(f"pages [{first}, {first} + {npages}) are outside the "
+                                 f"segment's {segment.npages} pages")
+        else:
+            # Last: pages held by a memory that failed to be made would stay held.
+            (<Segment>segment)._hold(first, npages, owner is None)
+            self.seg = <Segment>segment
         self.owner = owner
         self.segment_ = segment
         self.first = first
@@ -49,6 +76,49 @@ cdef class DiscardableMemory:
         self.backend = backend if backend is not None else owner.backend
         self.locked = True
         if _recorder is not None: _recorder.allocate(self)
+
+    def __dealloc__(self):
+        # Dropped without close(): the pages are no longer held (the owner releases them).
+        if self.seg is not None and not self.closed_:
+            self.seg._set_state(self.first, self.npages, PAGE_HELD | PAGE_ASKING, False)
+
+    cdef int _asking(self, bint on) noexcept:
+        """Let (or stop letting) the owner change the held span through its segment's methods."""
+        if self.seg is not None and self.owner is not None:
+            self.seg._set_state(self.first, self.npages, PAGE_ASKING, on)
+        return 0
+
+    cdef int _resync(self) noexcept:
+        """After an owner call raised (a KeyboardInterrupt can come anywhere in it), take the
+        state from the segment, which the owner changes first: the memory then agrees with it.
+        A lock whose result was lost counts every page purged (contents undefined)."""
+        cdef uint8_t state
+        if self.seg is None:
+            # A Python segment (simulated): it says whether the span is locked; whether the
+            # owner took it back, the owner's record says (a manager's _Allocation).
+            if getattr(self.ticket, "closed", False):
+                self.closed_ = True
+                self.locked = False
+                return 0
+            try:
+                locked = self.segment_.span_locked(self.first)
+            except BaseException:
+                return 0
+            if locked != self.locked:
+                self.locked = locked
+                if locked:
+                    self.purged_pages = self.npages
+            return 0
+        state = self.seg.span_state[self.first]
+        if not state & PAGE_HELD:  # released: the owner took the span back
+            self.closed_ = True
+            self.locked = False
+        elif state & PAGE_UNLOCKED:
+            self.locked = False
+        elif not self.locked:
+            self.locked = True
+            self.purged_pages = self.npages
+        return 0
 
     def __copy__(self):
         raise TypeError(f"{type(self).__name__} cannot be copied: the copy would share the "
@@ -110,7 +180,7 @@ cdef class DiscardableMemory:
             raise ValueError("discardable memory is closed")
         if self.seg is not None and self.seg.base == NULL:
             raise ValueError("discardable memory is closed: its segment was unmapped")
-        if self.seg is not None and self.seg.busy:
+        if self.seg is not None and self.seg._busy_with(self.first, self.npages):
             raise RuntimeError("discardable memory is in use by another thread")
         return 0
 
@@ -135,7 +205,14 @@ cdef class DiscardableMemory:
         if self.locked:
             raise RuntimeError("discardable memory is already locked (locks do not nest)")
         if self.owner is not None:
-            lost = self.owner.lock_span(self)
+            self._asking(True)
+            try:
+                lost = self.owner.lock_span(self)
+            except BaseException:
+                self._resync()
+                raise
+            finally:
+                self._asking(False)
         elif self.seg is not None:
             lost = self.seg._lock(self.first, self.npages)
         else:
@@ -157,7 +234,14 @@ cdef class DiscardableMemory:
     cdef int _unlock_now(self) except -1:
         self._prepare_unlock()
         if self.owner is not None:
-            self.owner.unlock_span(self)
+            self._asking(True)
+            try:
+                self.owner.unlock_span(self)
+            except BaseException:
+                self._resync()
+                raise
+            finally:
+                self._asking(False)
         elif self.seg is not None:
             self.seg._unlock(self.first, self.npages)
         else:
@@ -170,6 +254,7 @@ cdef class DiscardableMemory:
         """Refuse (BufferError, RuntimeError, ValueError) unless the memory can be unlocked now;
         release the view handed out.  For the owner's batch unlock; then mark_unlocked()."""
         self._prepare_unlock()
+        self._asking(True)  # the owner unlocks the span through its segment next
 
     cdef int _prepare_unlock(self) except -1:
         self._check_open()
@@ -180,6 +265,14 @@ cdef class DiscardableMemory:
 
     def mark_unlocked(self) -> None:
         """The owner unlocked the span (a batch unlock, after prepare_unlock())."""
+        if self.owner is None:
+            raise RuntimeError("mark_unlocked() is for an owner's batch unlock; use unlock()")
+        if (self.seg is not None and not self.seg.span_state[self.first] & PAGE_UNLOCKED
+                or self.seg is None and getattr(self.ticket, "locked", False)):
+            # Believed by the memory alone, the next lock() would lock a locked span.
+            raise RuntimeError("mark_unlocked(): the span is still locked in its segment; use "
+                               "unlock()")
+        self._asking(False)
         self.locked = False
         if _recorder is not None: _recorder.unlock(self)
 
@@ -194,11 +287,18 @@ cdef class DiscardableMemory:
     def _close_now(self):
         if self.closed_:
             return
-        if self.seg is not None and self.seg.busy:
+        if self.seg is not None and self.seg._busy_with(self.first, self.npages):
             raise RuntimeError("discardable memory is in use by another thread")
         self._release_views()
         if self.owner is not None:
-            self.owner.close_span(self)
+            self._asking(True)
+            try:
+                self.owner.close_span(self)
+            except BaseException:
+                self._resync()
+                raise
+            finally:
+                self._asking(False)
         elif self.seg is not None:
             self.seg._unmap()
         else:

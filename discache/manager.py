@@ -205,17 +205,20 @@ class DiscardableMemoryManager:
         with self._lock_:
             self._drain_dropped()
             record = self._record(mem)
+            if mem.is_locked:  # called directly, not by mem.lock(): it would count twice
+                raise RuntimeError("discardable memory is already locked (locks do not nest)")
+            if record.locked:
+                self._follow_memory(record, mem)
             span = record.span
             size = span.npages * PAGE
             self._unlocked.pop(record, None)
             lost = record.segment.lock_span(span.first, span.npages)
+            # Each state change on one line with no call in it: a KeyboardInterrupt cannot split it.
             if record.purged:
-                lost, record.purged = span.npages, False
-                self.bytes_purged -= size
+                lost, record.purged, self.bytes_purged = span.npages, False, self.bytes_purged - size
             elif lost:
                 self.counters["purged_bytes_kernel"] += lost * PAGE
-            record.locked = True
-            self.bytes_locked += size
+            record.locked, self.bytes_locked = True, self.bytes_locked + size
             self.counters["locks_purged" if lost else "locks_success"] += 1
             if lost:
                 # Memory the manager had purged is resident again: keep the limit.
@@ -230,6 +233,10 @@ class DiscardableMemoryManager:
         with self._lock_:
             self._drain_dropped()
             record = self._record(mem)
+            if not mem.is_locked:  # called directly, not by mem.unlock()
+                raise RuntimeError("discardable memory is not locked")
+            if not record.locked:
+                self._follow_memory(record, mem)
             span = record.span
             record.segment.unlock_span(span.first, span.npages)
             self._unlocked_now(record, self.clock())
@@ -239,10 +246,19 @@ class DiscardableMemoryManager:
             self.latency["unlock"].observe(time.perf_counter() - started)
 
     def _unlocked_now(self, record: _Allocation, now: float) -> None:
-        record.locked = False
         record.last_unlocked = now
+        record.locked, self.bytes_locked = False, self.bytes_locked - record.span.npages * PAGE
         self._unlocked[record] = None
-        self.bytes_locked -= record.span.npages * PAGE
+
+    def _follow_memory(self, record: _Allocation, mem: DiscardableMemory) -> None:
+        """The record disagrees with mem: a call interrupted (KeyboardInterrupt) between the
+        segment's change and the record's; mem then took its state from the segment, which the
+        record now follows."""
+        if mem.is_locked:
+            self._unlocked.pop(record, None)
+            record.locked, self.bytes_locked = True, self.bytes_locked + record.span.npages * PAGE
+        else:
+            self._unlocked_now(record, self.clock())
 
     def unlock_many(self, mems: list[DiscardableMemory]) -> int:
         """Unlock several locked allocations, one madvise per run of adjacent spans; returns the
@@ -269,8 +285,8 @@ class DiscardableMemoryManager:
                 calls += self._segments[segment_id].unlock_spans(
                     [(r.span.first, r.span.npages) for _, r in group])
                 for mem, record in group:
+                    self._unlocked_now(record, now)  # first: mark_unlocked() checks the record
                     mem.mark_unlocked()
-                    self._unlocked_now(record, now)
             self.counters["unlocks"] += len(mems)
             self._purge_to(self.limit)
         if self.latency is not None and mems:

@@ -125,6 +125,12 @@ class SimSegment:
             self._locked[first] = data
             return purged
 
+    def span_locked(self, first: int) -> bool:
+        """Is the span starting at page first locked? (What a memory asks after an interrupted
+        owner call.)"""
+        with _lock:
+            return first in self._spans
+
     def unlock_span(self, first: int, count: int) -> None:
         """Write the span back to the simulated memory and mark it volatile (MADV_VOLATILE)."""
         self.unlock_spans([(first, count)])
