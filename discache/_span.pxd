@@ -24,6 +24,7 @@ cdef class DiscardableMemory:
     cdef int _asking(self, bint on) noexcept
     cdef int _resync(self) noexcept
     cdef int _check_open(self) except -1
+    cdef object _ask_owner(self, str call)
     cdef int _check_locked(self) except -1
     cdef object _exporter(self)
     cdef int _lock_now(self) except -1

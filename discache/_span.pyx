@@ -184,6 +184,18 @@ cdef class DiscardableMemory:
             raise RuntimeError("discardable memory is in use by another thread")
         return 0
 
+    cdef object _ask_owner(self, str call):
+        """owner.<call>(self), the segment told that this memory is the one asking; after any
+        exception (an interrupt too) the memory takes its state back from its segment."""
+        self._asking(True)
+        try:
+            return getattr(self.owner, call)(self)
+        except BaseException:
+            self._resync()
+            raise
+        finally:
+            self._asking(False)
+
     cdef int _check_locked(self) except -1:
         self._check_open()
         if not self.locked:
@@ -205,14 +217,7 @@ cdef class DiscardableMemory:
         if self.locked:
             raise RuntimeError("discardable memory is already locked (locks do not nest)")
         if self.owner is not None:
-            self._asking(True)
-            try:
-                lost = self.owner.lock_span(self)
-            except BaseException:
-                self._resync()
-                raise
-            finally:
-                self._asking(False)
+            lost = self._ask_owner("lock_span")
         elif self.seg is not None:
             lost = self.seg._lock(self.first, self.npages)
         else:
@@ -234,14 +239,7 @@ cdef class DiscardableMemory:
     cdef int _unlock_now(self) except -1:
         self._prepare_unlock()
         if self.owner is not None:
-            self._asking(True)
-            try:
-                self.owner.unlock_span(self)
-            except BaseException:
-                self._resync()
-                raise
-            finally:
-                self._asking(False)
+            self._ask_owner("unlock_span")
         elif self.seg is not None:
             self.seg._unlock(self.first, self.npages)
         else:
@@ -291,14 +289,7 @@ cdef class DiscardableMemory:
             raise RuntimeError("discardable memory is in use by another thread")
         self._release_views()
         if self.owner is not None:
-            self._asking(True)
-            try:
-                self.owner.close_span(self)
-            except BaseException:
-                self._resync()
-                raise
-            finally:
-                self._asking(False)
+            self._ask_owner("close_span")
         elif self.seg is not None:
             self.seg._unmap()
         else:
