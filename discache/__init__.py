@@ -10,6 +10,7 @@ from .memory import DiscardableMemory, force_reclaim
 from .allocation import DiscardableMemoryAllocator, allocate
 from .manager import DiscardableMemoryManager, default_manager
 from .cache import DiscardableCache, cached
+from .sharedcache import SharedCache
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "PinnedError",
     "PurgedError",
     "PurgedPageError",
+    "SharedCache",
     "__version__",
     "allocate",
     "backends",
