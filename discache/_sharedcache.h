@@ -342,11 +342,42 @@ static int64_t sc_alloc_pages(sc_map *m, uint64_t n) {
     return -1;
 }
 
-/* Is the entry pinned by a view in any process (ours too: the probe is another description)? */
+/* Is the entry pinned by a view in any process (ours too: the probe is another description)?
+ * Only a hint for statistics: a change must claim the record with sc_claim. */
 static int sc_pinned(const sc_map *m, const sc_record *r) {
     if (r->npages == 0 || __atomic_load_n(&m->hdr->pins_hint, __ATOMIC_RELAXED) == 0)
         return 0;
     return dc_ofd_byte_held(m->probe_fd, SC_LOCK_PIN_BASE + r->first_page) != 0;
+}
+
+/* Begin changing live record r: its sequence goes odd, then, if any pin may exist, the write
+ * lock of its pin byte is taken through the probe description (a pin is a read lock of that
+ * byte, so this fails while any process, ours included, pins the entry).  The order closes the
+ * race with a pinner, which counts itself in pins_hint, takes its read lock, then re-checks the
+ * sequence: either it sees ours move, or we see its count (both sides fence in between).
+ * 1: claimed, end with sc_release; 0: pinned, the record is left as it was. */
+static int sc_claim(sc_map *m, sc_record *r, int *pin_locked) {
+    *pin_locked = 0;
+    sc_write_begin(r);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (r->npages == 0 || __atomic_load_n(&m->hdr->pins_hint, __ATOMIC_SEQ_CST) == 0)
+        return 1;
+    if (dc_ofd_lock_byte(m->probe_fd, SC_LOCK_PIN_BASE + r->first_page) != 0) {
+        sc_write_end(r);  /* readers retry once; nothing changed */
+        return 0;
+    }
+    *pin_locked = 1;
+    return 1;
+}
+
+static void sc_release(sc_map *m, sc_record *r, uint64_t pin_page, int pin_locked) {
+    sc_write_end(r);
+    if (pin_locked) {
+        struct flock fl;
+        dc_ofd_byte(&fl, SC_LOCK_PIN_BASE + pin_page);
+        fl.l_type = F_UNLCK;
+        fcntl(m->probe_fd, F_OFD_SETLK, &fl);
+    }
 }
 
 /* The writer's lookup (no sequence lock needed): the record of the key, or -1 and *empty, the
@@ -368,11 +399,15 @@ static int64_t sc_w_find(const sc_map *m, uint64_t hash, uint32_t kind,
     return -1;
 }
 
-/* Live -> purged marker: the pages are punched (host-wide free), every reader sees the change. */
-static void sc_purge_record(sc_map *m, uint64_t i, int why) {
+/* Live -> purged marker: the pages are punched (host-wide free), every reader sees the change.
+ * 1 purged, 0 pinned (left alone). */
+static int sc_purge_record(sc_map *m, uint64_t i, int why) {
     sc_record *r = m->recs + i;
     sc_header *h = m->hdr;
-    sc_write_begin(r);
+    uint64_t page = r->first_page;
+    int pin_locked;
+    if (!sc_claim(m, r, &pin_locked))
+        return 0;
     sc_free_pages(m, r->first_page, r->npages);
     h->purged_bytes += sc_bytes_of(m, r->npages);
     h->purged_entries += 1;
@@ -382,7 +417,8 @@ static void sc_purge_record(sc_map *m, uint64_t i, int why) {
     r->state = SC_PURGED;  /* a long key lived in the pages: its marker matches nothing */
     r->npages = 0;
     r->vallen = 0;
-    sc_write_end(r);
+    sc_release(m, r, page, pin_locked);
+    return 1;
 }
 
 static uint64_t sc_home(const sc_map *m, const sc_record *r) { return r->hash & m->mask; }
@@ -421,22 +457,40 @@ static void sc_remove_record(sc_map *m, uint64_t i) {
     sc_move_end(h);
 }
 
-/* Drop a live or purged record for good (del, pop, clear, old markers). */
-static void sc_delete_record(sc_map *m, uint64_t i, int why) {
+/* Drop a live or purged record for good (del, pop, clear, old markers).  1 done, 0 pinned. */
+static int sc_delete_record(sc_map *m, uint64_t i, int why) {
     sc_record *r = m->recs + i;
+    uint64_t page = r->first_page;
+    int pin_locked;
     if (r->state == SC_LIVE) {
-        sc_write_begin(r);
+        if (!sc_claim(m, r, &pin_locked))
+            return 0;
         r->state = SC_PURGED;  /* readers racing the punch below see a change, then a marker */
         sc_free_pages(m, r->first_page, r->npages);
         r->npages = 0;
         r->vallen = 0;
-        sc_write_end(r);
+        sc_release(m, r, page, pin_locked);
         m->hdr->live -= 1;
         m->hdr->evictions[why] += 1;
     } else {
         m->hdr->markers -= 1;
     }
     sc_remove_record(m, i);
+    return 1;
+}
+
+/* Drop every unpinned entry and every marker; the number of pinned entries left. */
+static uint64_t sc_clear(sc_map *m) {
+    uint64_t i = 0, visited = 0, kept = 0;
+    while (visited <= m->mask) {
+        if (m->recs[i].state != SC_EMPTY && sc_delete_record(m, i, SC_WHY_EXPLICIT))
+            continue;  /* something may have moved into i */
+        if (m->recs[i].state == SC_LIVE)
+            kept++;
+        i = (i + 1) & m->mask;
+        visited++;
+    }
+    return kept;
 }
 
 /* Drop every purged marker (they only serve to report purges to readers). */
@@ -500,12 +554,11 @@ static int64_t sc_purge_lru(sc_map *m, sc_enough_fn enough, uint64_t want, uint6
         return -1;
     for (k = 0; k < n && !enough(m, want); k++) {
         sc_record *r = m->recs + ages[k].index;
+        uint64_t bytes = sc_bytes_of(m, r->npages);
         if (r->state != SC_LIVE || __atomic_load_n(&r->atime, __ATOMIC_RELAXED) >= older_than)
             continue;
-        if (sc_pinned(m, r))
-            continue;
-        purged += (int64_t)sc_bytes_of(m, r->npages);
-        sc_purge_record(m, ages[k].index, why);
+        if (sc_purge_record(m, ages[k].index, why))
+            purged += (int64_t)bytes;
     }
     free(ages);
     return purged;
@@ -524,9 +577,8 @@ static int64_t sc_make_room(sc_map *m, uint64_t npages) {
         return -2;
     for (k = 0; k < n && first < 0; k++) {
         sc_record *r = m->recs + ages[k].index;
-        if (r->state != SC_LIVE || r->npages == 0 || sc_pinned(m, r))
+        if (r->state != SC_LIVE || r->npages == 0 || !sc_purge_record(m, ages[k].index, SC_WHY_SIZE))
             continue;
-        sc_purge_record(m, ages[k].index, SC_WHY_SIZE);
         if (m->hdr->used_pages + npages <= m->data_pages)
             first = sc_alloc_pages(m, npages);
     }
@@ -546,9 +598,11 @@ static int sc_set(sc_map *m, uint64_t hash, uint32_t kind, const unsigned char *
     uint64_t old_first = 0, old_npages = 0;
     sc_record *r;
 
+    int pin_locked = 0;
+    uint64_t pin_page = 0;
     at = sc_w_find(m, hash, kind, key, keylen, &empty);
     if (at >= 0 && m->recs[at].state == SC_LIVE && sc_pinned(m, m->recs + at))
-        return -3;
+        return -3;  /* early refusal, before any work; the claim below is what counts */
     if (at < 0) {
         /* a new record: keep live entries to half the table and markers to a quarter */
         if (sc_purge_lru(m, sc_records_room, 1, UINT64_MAX, SC_WHY_SIZE) < 0)
@@ -576,7 +630,15 @@ static int sc_set(sc_map *m, uint64_t hash, uint32_t kind, const unsigned char *
     if (at < 0)
         at = empty;
     r = m->recs + at;
-    sc_write_begin(r);
+    if (r->state == SC_LIVE) {
+        pin_page = r->first_page;
+        if (!sc_claim(m, r, &pin_locked)) {
+            sc_free_pages(m, (uint64_t)first, npages);
+            return -3;
+        }
+    } else {
+        sc_write_begin(r);
+    }
     if (r->state == SC_LIVE) {
         old_first = r->first_page;
         old_npages = r->npages;
@@ -597,7 +659,7 @@ static int sc_set(sc_map *m, uint64_t hash, uint32_t kind, const unsigned char *
     r->state = SC_LIVE;
     h->live += 1;
     h->sets += 1;
-    sc_write_end(r);
+    sc_release(m, r, pin_page, pin_locked);
     if (old_npages)
         sc_free_pages(m, old_first, old_npages);
     return 0;

@@ -221,7 +221,8 @@ cdef extern from *:
     int64_t sc_w_find(const sc_map *m, uint64_t hash, uint32_t kind, const unsigned char *key,
                       size_t keylen, int64_t *empty) nogil
     int sc_pinned(const sc_map *m, const sc_record *r) nogil
-    void sc_delete_record(sc_map *m, uint64_t i, int why) nogil
+    int sc_delete_record(sc_map *m, uint64_t i, int why) nogil
+    uint64_t sc_clear(sc_map *m) nogil
     void sc_free_pages(sc_map *m, uint64_t first, uint64_t n) nogil
     void sc_drop_markers(sc_map *m) nogil
     ctypedef int (*sc_enough_fn)(const sc_map *m, uint64_t want) nogil
@@ -648,16 +649,14 @@ cdef class SharedCacheCore:
             at = sc_w_find(&self.m, h, kind, k, klen, &empty)
             if at >= 0:
                 r = self.m.recs + at
-                if r.state == SC_LIVE and sc_pinned(&self.m, r):
+                if r.state == SC_LIVE:
+                    if copy:
+                        result = PyBytes_FromStringAndSize(
+                            self.m.data + r.first_page * self.m.page, r.vallen)
+                    else:
+                        result = True
+                if not sc_delete_record(&self.m, at, SC_WHY_EXPLICIT):
                     pinned = True
-                else:
-                    if r.state == SC_LIVE:
-                        if copy:
-                            result = PyBytes_FromStringAndSize(
-                                self.m.data + r.first_page * self.m.page, r.vallen)
-                        else:
-                            result = True
-                    sc_delete_record(&self.m, at, SC_WHY_EXPLICIT)
         finally:
             self._wunlock()
         if pinned:
@@ -666,38 +665,15 @@ cdef class SharedCacheCore:
         return result
 
     def clear(self) -> None:
-        """Remove every entry, host-wide (pinned ones too refuse: PinnedError, nothing changed)."""
-        cdef uint64_t i
-        cdef sc_record *r
-        cdef bint pinned = False
+        """Remove every entry, host-wide; PinnedError names how many pinned ones stay."""
+        cdef uint64_t kept
         self._wlock()
         try:
-            for i in range(self.m.mask + 1):
-                r = self.m.recs + i
-                if r.state == SC_LIVE and sc_pinned(&self.m, r):
-                    pinned = True
-                    break
-            if not pinned:
-                sc_move_begin(self.m.hdr)
-                for i in range(self.m.mask + 1):
-                    r = self.m.recs + i
-                    if r.state == SC_EMPTY:
-                        continue
-                    sc_write_begin(r)
-                    if r.state == SC_LIVE:
-                        sc_free_pages(&self.m, r.first_page, r.npages)
-                        self.m.hdr.evictions[SC_WHY_EXPLICIT] += 1
-                    r.state = SC_EMPTY
-                    r.npages = 0
-                    r.vallen = 0
-                    sc_write_end(r)
-                self.m.hdr.live = 0
-                self.m.hdr.markers = 0
-                sc_move_end(self.m.hdr)
+            kept = sc_clear(&self.m)
         finally:
             self._wunlock()
-        if pinned:
-            raise PinnedError("clear() refused: some entries are pinned by views")
+        if kept:
+            raise PinnedError(f"clear() left {kept} entries pinned by views; the rest is gone")
 
     def purge(self, older_than=None) -> int:
         """Purge (discard, host-wide) every unpinned entry idle for older_than seconds (None: all);
@@ -851,7 +827,11 @@ cdef class SharedCacheCore:
 
 cdef extern from *:
     """
-    static inline void __atomic_add(uint64_t *w, uint64_t d) { __atomic_fetch_add(w, d, __ATOMIC_RELAXED); }
+    /* seq_cst: a pinner's count must be seen by a writer that has not seen its lock (sc_claim) */
+    static inline void __atomic_add(uint64_t *w, uint64_t d) {
+        __atomic_fetch_add(w, d, __ATOMIC_SEQ_CST);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    }
     static inline void __atomic_sub(uint64_t *w, uint64_t d) { __atomic_fetch_sub(w, d, __ATOMIC_RELAXED); }
     """
     void __atomic_add(uint64_t *w, uint64_t d)
