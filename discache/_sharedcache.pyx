@@ -302,6 +302,7 @@ cdef class SharedCacheCore:
     cdef uint64_t hits_, misses_, purges_detected_, checksum_failures_
     cdef dict pins_           # first page -> views of it held by this instance
     cdef Py_ssize_t views_
+    cdef Py_ssize_t busy_     # threads inside a call that runs without the GIL
     cdef object __weakref__
 
     def __cinit__(self):
@@ -478,13 +479,18 @@ cdef class SharedCacheCore:
     cdef int _lock_writer_only(self) except -1:
         """Take the writer lock: the OFD write lock of byte 0, waiting without the GIL."""
         cdef int rc
+        cdef bint mapped = self.m.base != NULL  # attaching waits before anything is mapped
         while True:
             if sc_lock_byte(self.m.fd, SC_LOCK_WRITER) == 0:
                 return 0  # with the GIL: no other thread of ours is in a critical section
             if errno != EAGAIN and errno != EACCES:
                 raise OSError(errno, f"fcntl(F_OFD_SETLK) on {self.path}: {_os.strerror(errno)}")
+            self.busy_ += 1  # close() from another thread waits for us to leave
             with nogil:
                 rc = sc_ofd_wait(self.m.fd, SC_LOCK_WRITER)
+            self.busy_ -= 1
+            if mapped and self.m.base == NULL:
+                raise ValueError("the SharedCache was closed while waiting for its lock")
             if rc != 0 and errno != EINTR:
                 raise OSError(errno, f"fcntl(F_OFD_SETLKW) on {self.path}: {_os.strerror(errno)}")
             PyErr_CheckSignals()
@@ -537,8 +543,10 @@ cdef class SharedCacheCore:
             if f.vallen < _COPY_WITHOUT_GIL:
                 whole = sc_copy_value(&self.m, &f, dst)
             else:
+                self.busy_ += 1
                 with nogil:
                     whole = sc_copy_value(&self.m, &f, dst)
+                self.busy_ -= 1
             if not whole:
                 continue  # changed while copied: look again
             if self.verify and sc_checksum(<const unsigned char *>dst, f.vallen) != f.checksum:
@@ -815,6 +823,9 @@ cdef class SharedCacheCore:
         if self.m.base == NULL:
             self._release()  # an attach that failed half-way may hold descriptors
             return
+        if self.busy_:
+            raise RuntimeError("another thread is inside a call on this SharedCache (waiting for "
+                               "its lock or copying a large value): close it after that call")
         if self.views_:
             raise BufferError(f"{self.views_} views of this SharedCache are alive: release them "
                               "before close()")

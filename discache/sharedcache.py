@@ -91,6 +91,19 @@ class SharedCache(SharedCacheCore, MutableMapping):
     def __setitem__(self, key: Key, value: Any) -> None:
         SharedCacheCore.__setitem__(self, key, value)
 
+    def items(self) -> list[tuple[Key, bytes]]:  # type: ignore[override]
+        """(key, value) of the live entries now; an entry purged meanwhile is left out."""
+        pairs = []
+        for key in self.keys_snapshot():
+            value = self.get(key)
+            if value is not None:
+                pairs.append((key, value))
+        return pairs
+
+    def values(self) -> list[bytes]:  # type: ignore[override]
+        """The values of the live entries now."""
+        return [value for _, value in self.items()]
+
     def set(self, key: Key, value: Any) -> None:
         """cache[key] = value."""
         SharedCacheCore.__setitem__(self, key, value)
