@@ -206,6 +206,7 @@ typedef struct {
 #define SC_FIND_MISS 0
 #define SC_FIND_LIVE 1
 #define SC_FIND_PURGED 2
+#define SC_FIND_STUCK 3   /* a miss, after a record stayed odd: its writer may have died */
 
 /* Are the record's numbers possible (a torn read may show anything)?  Then every pointer made
  * from them lies inside the data area. */
@@ -243,7 +244,7 @@ static inline int sc_key_matches(const sc_map *m, const sc_record *r, uint64_t h
 static int sc_find(const sc_map *m, uint64_t hash, uint32_t kind,
                    const unsigned char *key, size_t keylen, sc_found *f) {
     const sc_header *h = m->hdr;
-    int attempt, spins;
+    int attempt, spins, stuck = 0;
     for (attempt = 0; attempt < SC_READ_RETRIES; attempt++) {
         uint64_t moves = __atomic_load_n(&h->move_seq, __ATOMIC_ACQUIRE);
         uint64_t i = hash & m->mask, probed;
@@ -254,8 +255,10 @@ static int sc_find(const sc_map *m, uint64_t hash, uint32_t kind,
                 sc_cpu_relax();
                 seq = sc_read_begin(r);
             }
-            if (seq & 1)
+            if (seq & 1) {
+                stuck = 1;
                 break;  /* a writer is stuck (died?): give up this attempt */
+            }
             uint32_t state = __atomic_load_n(&r->state, __ATOMIC_RELAXED);
             if (state == SC_EMPTY) {
                 if (!sc_read_valid(r, seq))
@@ -274,6 +277,8 @@ static int sc_find(const sc_map *m, uint64_t hash, uint32_t kind,
                 return state == SC_LIVE ? SC_FIND_LIVE : SC_FIND_PURGED;
             }
         }
+        if (stuck)
+            return SC_FIND_STUCK;
         sc_cpu_relax();
     }
     return SC_FIND_MISS;

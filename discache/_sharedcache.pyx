@@ -185,6 +185,7 @@ cdef extern from *:
     int SC_FIND_MISS
     int SC_FIND_LIVE
     int SC_FIND_PURGED
+    int SC_FIND_STUCK
     int SC_WHY_SIZE
     int SC_WHY_PURGED
     int SC_WHY_EXPLICIT
@@ -510,6 +511,22 @@ cdef class SharedCacheCore:
         self.m.hdr.dirty = 1
         return 0
 
+    cdef int _rescue(self) except -1:
+        """A reader met a record left odd: if the writer lock is free, its holder died in a
+        change; repair now rather than waiting for the next writer (never blocks)."""
+        if self.pid != getpid():
+            self._reattach()
+        if sc_lock_byte(self.m.fd, SC_LOCK_WRITER) != 0:
+            return 0  # a live writer holds it: it is simply slow
+        try:
+            if self.m.hdr.dirty:
+                if sc_repair(&self.m) != 0:
+                    raise MemoryError("repairing the shared cache's index")
+                self.m.hdr.dirty = 0
+        finally:
+            sc_ofd_unlock(self.m.fd, SC_LOCK_WRITER)
+        return 0
+
     cdef void _wunlock(self):
         self.m.hdr.dirty = 0
         sc_ofd_unlock(self.m.fd, SC_LOCK_WRITER)
@@ -531,6 +548,9 @@ cdef class SharedCacheCore:
         cdef uint64_t h = sc_key_hash(k, klen, kind)
         for attempt in range(16):
             found = sc_find(&self.m, h, kind, k, klen, &f)
+            if found == SC_FIND_STUCK and attempt == 0:
+                self._rescue()
+                continue
             if found != SC_FIND_LIVE:
                 self.misses_ += 1
                 sc_count(&self.slot.misses)
