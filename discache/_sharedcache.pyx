@@ -465,6 +465,8 @@ cdef class SharedCacheCore:
         self.m.fd = fresh
         self.pid = getpid()
         self.pins_ = {}  # the parent's pins are held by the parent's description
+        if getattr(self, "_monitor", None) is not None:
+            self._monitor = None  # the parent's pressure thread (its pipe must not be touched)
         self.views_ = 0
         self.hits_ = self.misses_ = self.purges_detected_ = self.checksum_failures_ = 0
         self._claim_slot()

@@ -385,3 +385,20 @@ def test_use_after_close_and_close_twice(name):
             call()
     with SharedCache(name, 1 << 20) as other:
         assert other["k"] == b"v"  # closing detaches; the entries stay
+
+
+def test_watch_pressure_runs_until_close_and_a_fork_child_leaves_it_alone(name):
+    cache = SharedCache(name, 1 << 20)
+    monitor = cache.watch_pressure(source="meminfo", meminfo_interval=0.05)
+    assert monitor.running
+    with pytest.raises(RuntimeError, match="already watches"):
+        cache.watch_pressure(source="meminfo")
+    pid = os.fork()
+    if pid == 0:  # the child's close must not stop the parent's thread through the shared pipe
+        cache.close()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    time.sleep(0.2)
+    assert monitor.running and monitor.error is None
+    cache.close()
+    assert not monitor.running
