@@ -402,3 +402,51 @@ def test_watch_pressure_runs_until_close_and_a_fork_child_leaves_it_alone(name):
     assert monitor.running and monitor.error is None
     cache.close()
     assert not monitor.running
+
+
+def _versions_writer(name: str, published, stop) -> None:
+    cache = SharedCache(name, 1 << 20, create=False)
+    version = 0
+    while not stop.value:
+        version += 1
+        cache["k"] = version.to_bytes(8, "little") * (1000 + version % 700)
+        published.value = version  # after the set returned: every later get must see >= it
+        if version % 50 == 0:
+            cache.purge()
+            published.value = -version  # purged: None is right, an older version is not
+
+
+def _versions_reader(name: str, published, stop, result) -> None:
+    cache = SharedCache(name, 1 << 20, create=False, verify=True)
+    checked = 0
+    while not stop.value:
+        floor = published.value
+        value = cache.get("k")
+        if value is None:
+            continue
+        version = int.from_bytes(value[:8], "little")
+        if value != version.to_bytes(8, "little") * (1000 + version % 700) or version < abs(floor):
+            result.value = -1  # torn, zeroed or stale
+            return
+        checked += 1
+    result.value = checked
+
+
+def test_no_process_ever_reads_a_stale_or_torn_value(name):
+    cache = SharedCache(name, 1 << 20)
+    ctx = multiprocessing.get_context("fork")
+    published, stop = ctx.Value("q", 0, lock=False), ctx.Value("b", 0, lock=False)
+    results = [ctx.Value("q", 0, lock=False) for _ in range(2)]
+    procs = [ctx.Process(target=_versions_writer, args=(name, published, stop))]
+    procs += [ctx.Process(target=_versions_reader, args=(name, published, stop, r))
+              for r in results]
+    for p in procs:
+        p.start()
+    time.sleep(2.0)
+    stop.value = 1
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0
+    assert all(r.value > 100 for r in results), [r.value for r in results]
+    assert published.value != 0 and cache.stats()["evictions_purged"] > 0
+    cache.close()
