@@ -670,6 +670,22 @@ static int sc_set(sc_map *m, uint64_t hash, uint32_t kind, const unsigned char *
     return 0;
 }
 
+/* Punch every run of free pages: what a set that died before publishing its record left, and
+ * the zero pages readers racing a purge faulted back into freed ranges (tmpfs allocates a page on
+ * a read fault of a hole). */
+static void sc_punch_free(sc_map *m) {
+    uint64_t p, run;
+    for (p = 0; p < m->data_pages; p += run) {
+        if (sc_page_used(m, p)) {
+            run = 1;
+            continue;
+        }
+        for (run = 1; p + run < m->data_pages && !sc_page_used(m, p + run); run++)
+            ;
+        sc_punch(m, p, run);
+    }
+}
+
 /* ---- repair after a writer died ---- */
 
 /* Rebuild the index from its own records: drop any record a writer was changing (odd sequence)
@@ -678,7 +694,7 @@ static int sc_set(sc_map *m, uint64_t hash, uint32_t kind, const unsigned char *
  * every page no entry owns (a set that died before publishing its record).  -1: out of memory. */
 static int sc_repair(sc_map *m) {
     sc_header *h = m->hdr;
-    uint64_t cap = m->mask + 1, i, n = 0, k, live = 0, markers = 0, used = 0, p, run;
+    uint64_t cap = m->mask + 1, i, n = 0, k, live = 0, markers = 0, used = 0, p;
     sc_record *keep = malloc(cap * sizeof(sc_record));
     if (keep == NULL)
         return -1;
@@ -719,15 +735,7 @@ static int sc_repair(sc_map *m) {
         used += src->npages;
     }
     free(keep);
-    for (p = 0; p < m->data_pages; p += run) {
-        if (sc_page_used(m, p)) {
-            run = 1;
-            continue;
-        }
-        for (run = 1; p + run < m->data_pages && !sc_page_used(m, p + run); run++)
-            ;
-        sc_punch(m, p, run);
-    }
+    sc_punch_free(m);
     h->live = live;
     h->markers = markers;
     h->used_pages = used;

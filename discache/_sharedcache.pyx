@@ -217,6 +217,7 @@ cdef extern from *:
     int sc_lock_byte(int fd, uint64_t at) nogil
     int dc_ofd_byte_held(int fd, uint64_t at) nogil
     int sc_repair(sc_map *m) nogil
+    void sc_punch_free(sc_map *m) nogil
     int sc_set(sc_map *m, uint64_t hash, uint32_t kind, const unsigned char *key, size_t keylen,
                const unsigned char *value, size_t vallen, uint64_t checksum) nogil
     int64_t sc_w_find(const sc_map *m, uint64_t hash, uint32_t kind, const unsigned char *key,
@@ -715,6 +716,7 @@ cdef class SharedCacheCore:
         self._wlock()
         try:
             purged = sc_purge_lru(&self.m, sc_never_enough, 0, limit, SC_WHY_PURGED)
+            sc_punch_free(&self.m)  # a policy purge returns all the free memory
         finally:
             self._wunlock()
         if purged < 0:

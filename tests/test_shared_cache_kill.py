@@ -167,30 +167,34 @@ def test_random_sigkills_lose_nothing_else(name):
     for pid, role in running.items():
         os.kill(pid, signal.SIGKILL)
         reap(pid, role, failures)
-    assert not failures, failures
+    assert not failures, (kills, failures)
     assert kills >= MIN_KILLS, f"only {kills} kills in {MAX_SECONDS} s"
 
     # survivors: never locked, never corrupt, the counts agree with what is there
-    assert usable_within(name, 10), "the cache stayed locked after the kills"
+    assert usable_within(name, 10), f"the cache stayed locked after {kills} kills"
     present = 0
     pages = 0
     for key in KEYS:
         value = cache.get(key)
         if value is not None:
-            assert check_value(key, value) == "", key
+            assert check_value(key, value) == "", (key, check_value(key, value), kills)
             present += 1
             pages += -(-(len(value) + (len(key) if len(key) > 64 else 0)) // PAGE)
     assert cache["probe"] == b"probe"
+    # a policy purge (none is idle an hour) also punches every free page: readers that raced a
+    # purge may have faulted zero pages back into freed ranges
+    assert cache.purge(older_than=3600) == 0
     stats = cache.stats()
-    assert stats["entries"] == present + 1
-    assert stats["allocated_bytes"] == (pages + 1) * PAGE
+    said = f"{kills} kills; {present} entries, {pages} pages found; stats {stats}"
+    assert stats["entries"] == present + 1, said
+    assert stats["allocated_bytes"] == (pages + 1) * PAGE, said
     # a big set killed half-way happened (the repair ran) and its pages were punched again
-    assert stats["recoveries"] >= 1, stats
+    assert stats["recoveries"] >= 1, said
+    metadata = stats["file_bytes"] - stats["data_pages"] * PAGE
+    held = os.stat(shm_path(name)).st_blocks * 512
+    assert held <= metadata + stats["allocated_bytes"], (held, said)
     print(f"{kills} kills in {time.monotonic() - start:.1f} s, {stats['recoveries']} repairs, "
           f"{present} entries checked")
-    metadata = stats["file_bytes"] - stats["data_pages"] * PAGE
-    assert os.stat(shm_path(name)).st_blocks * 512 <= metadata + stats["allocated_bytes"] \
-        + 64 * PAGE
     cache["after"] = make_value("after", 1, 5000)
     assert check_value("after", cache["after"]) == ""
     cache.close()
