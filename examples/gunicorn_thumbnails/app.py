@@ -12,7 +12,9 @@ every worker inherits it (discache gives each child its own lock description and
 Under memory pressure the master purges the idle thumbnails for all the workers (see
 gunicorn.conf.py's when_ready).  Settings: THUMBS_SOURCE (directory of images), THUMBS_CACHE
 (cache name), THUMBS_CACHE_BYTES (its size), THUMBS_SIZE (e.g. 640x512), THUMBS_DECODE_LOG (a
-file that gets one line per decode, for tests and curiosity).
+file that gets one line per decode, for tests and curiosity).  Running gunicorn with
+MALLOC_MMAP_THRESHOLD_=131072 in its environment keeps the decoders' freed buffers from staying in
+each worker's heap (glibc otherwise raises that threshold after the first large free).
 """
 from __future__ import annotations
 
