@@ -110,12 +110,12 @@ def reap(pid: int, role: str, failures: list) -> None:
     failures.append(f"{role} {pid} ended with status {status:#x}")
 
 
-def usable_within(name: str, seconds: float) -> bool:
+def usable_within(name: str, seconds: float, maxsize: int = MAXSIZE) -> bool:
     """Can another process set and get within `seconds` (the writer lock is not left taken)?"""
     pid = os.fork()
     if pid == 0:
         try:
-            cache = SharedCache(name, MAXSIZE, create=False)
+            cache = SharedCache(name, maxsize, create=False)
             cache["probe"] = b"probe"
             os._exit(0 if cache["probe"] == b"probe" else 1)
         except BaseException:
@@ -197,4 +197,55 @@ def test_random_sigkills_lose_nothing_else(name):
           f"{present} entries checked")
     cache["after"] = make_value("after", 1, 5000)
     assert check_value("after", cache["after"]) == ""
+    cache.close()
+
+
+F_OFD_GETLK = 36
+
+
+def writer_lock_held(path: str) -> bool:
+    """Does some open file description hold the cache's writer lock (byte 0) now?"""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+        return struct.unpack("hhqqi4x", fcntl.fcntl(fd, F_OFD_GETLK, query))[0] != fcntl.F_UNLCK
+    finally:
+        os.close(fd)
+
+
+def test_a_writer_killed_inside_its_critical_section(name):
+    """SIGKILL a writer while it holds the lock (copying 32 MiB into the cache): the next
+    process repairs the index; every other entry and the killed key's old value are intact."""
+    cache = SharedCache(name, 80 << 20)
+    for key in KEYS[:20]:
+        cache[key] = make_value(key, 1, 5000)
+    cache["big"] = make_value("big", 1, 32 << 20)
+    path = shm_path(name)
+    repaired = 0
+    for attempt in range(20):
+        pid = os.fork()
+        if pid == 0:
+            child = SharedCache(name, 80 << 20, create=False)
+            value = make_value("big", 2 + attempt, 32 << 20)
+            while True:
+                child["big"] = value
+        deadline = time.monotonic() + 10
+        while not writer_lock_held(path) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        assert usable_within(name, 10, 80 << 20), "the dead writer left the cache locked"
+        repaired = cache.stats()["recoveries"]
+        if repaired:
+            break
+    assert repaired >= 1, "no kill landed inside a critical section in 20 attempts"
+    for key in KEYS[:20]:
+        assert cache[key] == make_value(key, 1, 5000)
+    big = cache.get("big")  # the old value, a new one whole, or gone: never a torn one
+    assert big is None or check_value("big", big) == ""
+    stats = cache.stats()
+    held = os.stat(path).st_blocks * 512
+    assert held == stats["file_bytes"] - stats["data_pages"] * PAGE + stats["allocated_bytes"]
     cache.close()
