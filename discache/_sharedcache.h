@@ -38,6 +38,7 @@
 #define SC_LOCK_PIN_BASE (1ULL << 40)
 #define SC_READ_RETRIES 16
 #define SC_SPINS 2000
+#define SC_SLACK_DIVISOR 64             /* eviction frees this fraction of the pages beyond need */
 #define SC_TOUCH_NS 1000000ULL         /* a hit refreshes its entry's time at most once a ms */
 
 /* reasons an entry left the cache (evictions_* counters) */
@@ -543,8 +544,10 @@ typedef int (*sc_enough_fn)(const sc_map *m, uint64_t want);
 
 static int sc_never_enough(const sc_map *m, uint64_t want) { (void)m; (void)want; return 0; }
 
+/* Live records up to 5/8 of the index: entries of one page or more never reach it (the index
+ * has 2 records per data page), entries of no page (empty values) may. */
 static int sc_records_room(const sc_map *m, uint64_t want) {
-    return m->hdr->live + want <= (m->mask + 1) / 2;
+    return m->hdr->live + want <= (m->mask + 1) / 8 * 5;
 }
 
 static int64_t sc_purge_lru(sc_map *m, sc_enough_fn enough, uint64_t want, uint64_t older_than,
@@ -573,18 +576,22 @@ static int64_t sc_purge_lru(sc_map *m, sc_enough_fn enough, uint64_t want, uint6
  * left is pinned or too fragmented), or -2 (out of memory). */
 static int64_t sc_make_room(sc_map *m, uint64_t npages) {
     int64_t first = sc_alloc_pages(m, npages);
-    uint64_t n, k;
+    uint64_t n, k, slack = m->data_pages / SC_SLACK_DIVISOR;
     sc_age *ages;
     if (first >= 0)
         return first;
     ages = sc_lru_order(m, &n);
     if (ages == NULL)
         return -2;
-    for (k = 0; k < n && first < 0; k++) {
+    /* Purge past the need by 1/64 of the cache, so that the next sets find room without sorting
+     * the records again (the sort is what a set that must make room pays). */
+    for (k = 0; k < n; k++) {
+        if (first >= 0 && m->hdr->used_pages + slack <= m->data_pages)
+            break;
         sc_record *r = m->recs + ages[k].index;
         if (r->state != SC_LIVE || r->npages == 0 || !sc_purge_record(m, ages[k].index, SC_WHY_SIZE))
             continue;
-        if (m->hdr->used_pages + npages <= m->data_pages)
+        if (first < 0 && m->hdr->used_pages + npages <= m->data_pages)
             first = sc_alloc_pages(m, npages);
     }
     free(ages);
@@ -609,8 +616,11 @@ static int sc_set(sc_map *m, uint64_t hash, uint32_t kind, const unsigned char *
     if (at >= 0 && m->recs[at].state == SC_LIVE && sc_pinned(m, m->recs + at))
         return -3;  /* early refusal, before any work; the claim below is what counts */
     if (at < 0) {
-        /* a new record: keep live entries to half the table and markers to a quarter */
-        if (sc_purge_lru(m, sc_records_room, 1, UINT64_MAX, SC_WHY_SIZE) < 0)
+        /* a new record: live entries up to 5/8 of the table, markers to what is left of 3/4;
+         * purging for records goes 1/64 of the table past the need, as sc_make_room does */
+        if (!sc_records_room(m, 1) &&
+            sc_purge_lru(m, sc_records_room, 1 + (m->mask + 1) / SC_SLACK_DIVISOR, UINT64_MAX,
+                         SC_WHY_SIZE) < 0)
             return -2;
         if (h->live + h->markers + 1 > (m->mask + 1) / 4 * 3 && h->markers) {
             sc_drop_markers(m);
