@@ -11,6 +11,7 @@ from .allocation import DiscardableMemoryAllocator, allocate
 from .manager import DiscardableMemoryManager, default_manager
 from .cache import DiscardableCache, cached
 from .sharedcache import SharedCache
+from .tracing import record_trace, start_from_environment as _start_from_environment
 
 __version__ = "0.1.0"
 
@@ -34,4 +35,7 @@ __all__ = [
     "cached",
     "default_manager",
     "force_reclaim",
+    "record_trace",
 ]
+
+_start_from_environment()  # DISCACHE_TRACE=path records the whole program

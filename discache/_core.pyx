@@ -3,8 +3,6 @@
 The simulator's compiled code is discache.sim._sim, the cache's discache._cache."""
 
 include "_kernel.pyx"
-include "_mapped.pyx"
-include "_madvfree.pyx"
-include "_ashmem.pyx"
-include "_sharedmem.pyx"
 include "_segment.pyx"
+include "_span.pyx"
+include "_sharedmem.pyx"

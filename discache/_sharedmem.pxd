@@ -2,14 +2,13 @@ from libc.stdint cimport uint64_t
 
 
 cdef class DiscardableSharedMemory:
-    cdef int fd                     # the memfd, -1 once closed
+    cdef Segment segment            # the shared memfd segment: header page, then the data
     cdef int life_fd                # this instance's own open file description of the memfd:
                                     # it write-locks byte `holder` while the instance lives
     cdef uint64_t holder            # this instance's id, unique in the segment; the state word
                                     # carries it while this instance holds the lock
     cdef bint can_recover           # life_fd is private, so a free holder byte means a dead one
-    cdef char *base                 # header page, then the data pages
-    cdef size_t mapped              # bytes mapped: one header page + npages
+    cdef char *base                 # the segment's mapping (NULL once closed)
     cdef size_t page
     cdef uint64_t *state            # the shared state word: lock bit | timestamp << 1
     cdef readonly Py_ssize_t nbytes

@@ -1,4 +1,5 @@
-# Chromium's DiscardableSharedMemory on a memfd.  Page 0 is a header whose first word is the
+# Chromium's DiscardableSharedMemory on a memfd segment (a shared Segment of kind "memfd", which
+# maps the file and punches the holes).  Page 0 is a header whose first word is the
 # shared state: bit 0 = locked; bits 1..63 = the time of the last unlock in microseconds while
 # unlocked (zero after a purge), and the holder's id while locked (Chromium keeps them zero).  It
 # changes only by compare-and-swap, so any number of processes mapping the memfd agree on it.
@@ -58,7 +59,6 @@ cdef class DiscardableSharedMemory:
     """Discardable memory shared between processes through a memfd (Chromium's design)."""
 
     def __cinit__(self):
-        self.fd = -1
         self.life_fd = -1
 
     def __init__(self):
@@ -72,8 +72,10 @@ cdef class DiscardableSharedMemory:
         cdef int fd = memfd_create(b"discache-shared", MFD_CLOEXEC | MFD_ALLOW_SEALING)
         if fd < 0:
             raise _oserror(errno, "memfd_create")
-        self.fd = fd
-        self._map(fd, n, True)
+        try:
+            self._map(fd, n, True)
+        finally:
+            close(fd)  # the segment maps it through a descriptor of its own
         return self
 
     @classmethod
@@ -81,54 +83,45 @@ cdef class DiscardableSharedMemory:
         """Map a segment made by create() in any process; fd is duplicated, not taken over."""
         cdef DiscardableSharedMemory self = cls.__new__(cls)
         cdef Py_ssize_t n = _check_nbytes(nbytes)
-        cdef int own
         cdef int raw = _operator.index(fd)
         if raw < 0:
             raise ValueError(f"fd {fd} is not an open file descriptor")
-        own = dup(raw)
-        if own < 0:
-            raise ValueError(f"fd {raw} is not an open file descriptor: {_os.strerror(errno)}")
-        self.fd = own
-        self._map(own, n, False)
+        self._map(raw, n, False)
         return self
 
     cdef int _map(self, int fd, Py_ssize_t nbytes, bint create) except -1:
         cdef stat info
-        cdef void *mapping
         cdef int seals
         cdef uint64_t *header
+        cdef size_t mapped
         self.page = sysconf(_SC_PAGESIZE)
         self.nbytes = nbytes
         self.npages = (nbytes + self.page - 1) // self.page
-        self.mapped = (self.npages + 1) * self.page
+        mapped = (self.npages + 1) * self.page
         if create:
-            if ftruncate(fd, self.mapped) != 0:
+            if ftruncate(fd, mapped) != 0:
                 raise _oserror(errno, "ftruncate of the memfd")
             # Sealed size: no process can shrink the file under another's mapping (SIGBUS).
             if fcntl(fd, F_ADD_SEALS, SEALS) != 0:
                 raise _oserror(errno, "sealing the memfd")
         else:
             if fstat(fd, &info) != 0:
-                raise ValueError(f"fd {fd} cannot be examined: {_os.strerror(errno)}")
+                raise ValueError(f"fd {fd} is not an open file descriptor: {_os.strerror(errno)}")
             seals = fcntl(fd, F_GET_SEALS)
             if not S_ISREG(info.st_mode) or seals < 0 or (seals & SEALS) != SEALS:
                 raise ValueError("fd is not a discache shared memory segment (a sealed memfd)")
-            if <size_t>info.st_size != self.mapped:
+            if <size_t>info.st_size != mapped:
                 raise ValueError(f"fd holds a segment of {info.st_size - self.page} bytes "
                                  f"(page-rounded), not {nbytes}")
-        mapping = mmap(NULL, self.mapped, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
-        if mapping == MAP_FAILED:
-            if errno == EACCES:  # opened read-only (e.g. /proc/PID/fd/N with O_RDONLY)
-                raise ValueError("fd is not open for reading and writing: a discache shared "
-                                 "segment must be mapped read-write")
-            raise _oserror(errno, "mmap of the memfd")
-        self.base = <char *>mapping
-        header = <uint64_t *>self.base
-        self.state = header
+        # The header page, then the data pages: one shared memfd segment.
+        self.segment = Segment(self.npages + 1, "memfd", fd=fd)
+        header = <uint64_t *>self.segment.base
         if not create and (header[1] != SHARED_MAGIC or header[2] != <uint64_t>nbytes):
-            munmap(self.base, self.mapped)
-            self.base = NULL
+            self.segment.close()
+            self.segment = None
             raise ValueError(f"fd is not a discache shared segment of {nbytes} bytes")
+        self.base = self.segment.base
+        self.state = header
         self._join_segment()
         if create:
             header[1] = SHARED_MAGIC
@@ -147,12 +140,12 @@ cdef class DiscardableSharedMemory:
 
     cdef int _join_segment(self) except -1:
         """Take an id and hold its byte through a private open file description while alive."""
-        self.life_fd = dc_reopen_private(self.fd)
+        self.life_fd = dc_reopen_private(self.segment.fd)
         self.can_recover = self.life_fd >= 0
         if not self.can_recover:
             # No /proc: a dup shares the description (and its locks) with whoever else has it,
             # so a free byte would prove nothing; this instance never takes a lock over.
-            self.life_fd = dup(self.fd)
+            self.life_fd = dup(self.segment.fd)
             if self.life_fd < 0:
                 raise _oserror(errno, "dup of the memfd")
         self.holder = dc_fetch_add_u64(self.state + HEADER_IDS, 1) + 1
@@ -177,10 +170,6 @@ cdef class DiscardableSharedMemory:
         return dc_cas_u64(self.state, found, STATE_LOCKED | (self.holder << 1)) == found
 
     def __dealloc__(self):
-        if self.base != NULL:
-            munmap(self.base, self.mapped)
-        if self.fd >= 0:
-            close(self.fd)
         if self.life_fd >= 0:
             close(self.life_fd)
         free(self.page_locked)
@@ -301,8 +290,7 @@ cdef class DiscardableSharedMemory:
         cdef int rc
         self.busy = True
         with nogil:
-            rc = fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                           self.page, self.npages * self.page)
+            rc = self.segment._punch(1, self.npages)  # the data pages, not the header
         self.busy = False
         if rc != 0:
             raise _oserror(errno, "fallocate(PUNCH_HOLE) on the memfd")
@@ -365,7 +353,7 @@ cdef class DiscardableSharedMemory:
     def fileno(self) -> int:
         """The memfd, to pass to another process (with DiscardableSharedMemory.open)."""
         self._check_open()
-        return self.fd
+        return self.segment.fd
 
     @property
     def data(self) -> memoryview:
@@ -396,11 +384,9 @@ cdef class DiscardableSharedMemory:
         if self.exports:
             raise BufferError(f"{self.exports} buffer(s) of the data are still alive; "
                               "release them first")
-        munmap(self.base, self.mapped)
+        self.segment.close()
         self.base = NULL
         self.state = NULL
-        close(self.fd)
-        self.fd = -1
         close(self.life_fd)  # a lock still held here is now a dead holder's: others take it
         self.life_fd = -1
 
@@ -411,5 +397,5 @@ cdef class DiscardableSharedMemory:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"<DiscardableSharedMemory nbytes={self.nbytes} fd={self.fd} "
+        return (f"<DiscardableSharedMemory nbytes={self.nbytes} "
                 f"{'closed' if self.base == NULL else f'{self.locked_pages} pages locked here'}>")

@@ -48,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-serving", action="store_true",
                    help="with --metrics-port: after the run, keep the cache and serve its final "
                         "numbers until interrupted (Ctrl-C or SIGTERM), so that a scrape sees them")
+    p.add_argument("--record", metavar="FILE",
+                   help="record the run's discardable-memory traffic to FILE, a trace that "
+                        "discache simulate --trace FILE replays under every design")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars (drawn on standard error, only on a terminal anyway)")
     p.set_defaults(func=run, parser=p)
@@ -402,10 +405,27 @@ def run(args: argparse.Namespace) -> int:
             serve_until_interrupted(exporter)
 
     enabled = args.progress and sys.stderr.isatty()
+    recorder = None
+    if args.record is not None:
+        from . import tracing
+
+        try:
+            recorder = tracing.start(args.record)
+        except (OSError, RuntimeError) as error:
+            print(f"discache demo: cannot record to {args.record}: "
+                  f"{getattr(error, 'strerror', None) or error}", file=sys.stderr)
+            return 2
     try:
-        result = run_demo(args.images, args.size, args.backend, args.reclaim, args.seed,
-                          lambda label, total: Progress(label, total, sys.stderr, enabled),
-                          export if exporter is not None else None, report)
+        try:
+            result = run_demo(args.images, args.size, args.backend, args.reclaim, args.seed,
+                              lambda label, total: Progress(label, total, sys.stderr, enabled),
+                              export if exporter is not None else None, report)
+        finally:
+            if recorder is not None:
+                tracing.stop()
+        if recorder is not None:
+            print(f"discache demo: {recorder.events:,} events recorded to {args.record} "
+                  f"(replay: discache simulate --trace {args.record})")
     except ModuleNotFoundError as error:
         if error.name != "PIL":
             raise

@@ -7,10 +7,10 @@ import weakref
 from collections import Counter, OrderedDict
 from typing import Any, Callable, Optional
 
-from . import _core, backends, forking, validate
+from . import _core, backends, forking, tracing, validate
 from .errors import PurgedError
 from .heap import Span, SpanHeap
-from .memory import SpanMemory
+from .memory import DiscardableMemory
 
 PAGE = _core.page_size()
 SEGMENT_BYTES = 4 << 20  # Chromium's client segment size
@@ -31,7 +31,7 @@ def default_limit() -> int:
 class _Allocation:
     """The manager's record of one live allocation: its span and its state.
 
-    Held by the manager and (as its ticket) by the SpanMemory; it never refers back to the
+    Held by the manager and (as its ticket) by the DiscardableMemory; it never refers back to the
     memory, so a memory dropped without close() is collected and its span freed
     (see _drain_dropped)."""
 
@@ -46,10 +46,10 @@ class _Allocation:
         self.closed = False
         self.last_unlocked = 0.0
         self.buffer: Any = None  # the span's buffer handed out: counts live views
-        self.memory: Any = None  # weakref to the SpanMemory, whose callback releases the span
+        self.memory: Any = None  # weakref to the DiscardableMemory, whose callback releases the span
 
 
-ManagedMemory = SpanMemory  # what the manager hands out, by the name it had before issue 11
+ManagedMemory = DiscardableMemory  # the name the manager's allocations had before issue 11
 
 
 _MANAGERS: "weakref.WeakSet[DiscardableMemoryManager]" = weakref.WeakSet()
@@ -173,7 +173,7 @@ class DiscardableMemoryManager:
                 self._give_back(span)
                 raise
             record = _Allocation(span, segment)
-            mem = SpanMemory(self, segment, span.first, span.npages, nbytes, record)
+            mem = DiscardableMemory(self, segment, span.first, span.npages, nbytes, record)
             record.memory = weakref.ref(mem, _on_collected(self._self_ref, record))
             self._live.add(record)
             self.bytes_allocated += npages * PAGE
@@ -185,21 +185,21 @@ class DiscardableMemoryManager:
 
     def _record(self, mem: Any) -> _Allocation:
         """mem's record, if mem is an open allocation of this manager."""
-        if not isinstance(mem, SpanMemory) or mem.owner is not self or mem.ticket not in self._live:
-            if isinstance(mem, SpanMemory) and mem.closed:
+        if not isinstance(mem, DiscardableMemory) or mem.owner is not self or mem.ticket not in self._live:
+            if isinstance(mem, DiscardableMemory) and mem.closed:
                 raise ValueError("discardable memory is closed")
             raise ValueError(f"{mem!r} is not memory of this manager")
         return mem.ticket
 
     # ------------------------------------------------------------------ SpanOwner: what a
-    # SpanMemory asks of the manager, always under the manager's lock (mutex)
+    # DiscardableMemory asks of the manager, always under the manager's lock (mutex)
 
     @property
     def mutex(self) -> Any:
         """The manager's lock: every span's state changes under it."""
         return self._lock_
 
-    def lock_span(self, mem: SpanMemory) -> int:
+    def lock_span(self, mem: DiscardableMemory) -> int:
         """Lock mem's span (mem checked it is unlocked); returns how many pages were lost."""
         started = time.perf_counter() if self.latency is not None else 0.0
         with self._lock_:
@@ -224,7 +224,7 @@ class DiscardableMemoryManager:
             self.latency["lock"].observe(time.perf_counter() - started)
         return lost
 
-    def unlock_span(self, mem: SpanMemory) -> None:
+    def unlock_span(self, mem: DiscardableMemory) -> None:
         """Unlock mem's span (mem checked it is locked and released its views)."""
         started = time.perf_counter() if self.latency is not None else 0.0
         with self._lock_:
@@ -244,7 +244,7 @@ class DiscardableMemoryManager:
         self._unlocked[record] = None
         self.bytes_locked -= record.span.npages * PAGE
 
-    def unlock_many(self, mems: list[SpanMemory]) -> int:
+    def unlock_many(self, mems: list[DiscardableMemory]) -> int:
         """Unlock several locked allocations, one madvise per run of adjacent spans; returns the
         number of system calls made.  Memory of another manager, closed or unlocked memory, or
         the same memory twice is refused (ValueError / RuntimeError) with nothing changed."""
@@ -254,7 +254,7 @@ class DiscardableMemoryManager:
             mems = list(mems)
             if len({id(mem) for mem in mems}) != len(mems):
                 raise ValueError("unlock_many() got the same memory more than once")
-            by_segment: dict[int, list[tuple[SpanMemory, _Allocation]]] = {}
+            by_segment: dict[int, list[tuple[DiscardableMemory, _Allocation]]] = {}
             for mem in mems:
                 record = self._record(mem)
                 if not mem.is_locked:
@@ -278,13 +278,13 @@ class DiscardableMemoryManager:
             self.latency["unlock"].observe(time.perf_counter() - started)
         return calls
 
-    def close_span(self, mem: SpanMemory) -> None:
+    def close_span(self, mem: DiscardableMemory) -> None:
         """Take mem's span back (mem released its views)."""
         with self._lock_:
             self._free(self._record(mem))
             self._drain_dropped()
 
-    def purge_span(self, mem: SpanMemory) -> int:
+    def purge_span(self, mem: DiscardableMemory) -> int:
         """Discard mem's unlocked span now (as a purge by the manager); returns its pages."""
         with self._lock_:
             record = self._record(mem)
@@ -294,13 +294,13 @@ class DiscardableMemoryManager:
             self._purge_one(record, "release")
             return record.span.npages
 
-    def reclaim_span(self, mem: SpanMemory) -> int:
+    def reclaim_span(self, mem: DiscardableMemory) -> int:
         """Make the kernel reclaim mem's unlocked span now; returns the pages gone."""
         with self._lock_:
             record = self._record(mem)
             return record.segment.reclaim_span(record.span.first, record.span.npages)
 
-    def span_buffer(self, mem: SpanMemory) -> Any:
+    def span_buffer(self, mem: DiscardableMemory) -> Any:
         """A buffer of mem's locked span (counted, so that a dropped mem's views keep the span)."""
         with self._lock_:
             record = self._record(mem)
@@ -361,6 +361,7 @@ class DiscardableMemoryManager:
 
     def _purge_one(self, record: _Allocation, reason: str) -> int:
         record.segment.discard_span(record.span.first, record.span.npages)
+        if tracing.active is not None: tracing.active.purge(record.memory and record.memory())
         record.purged = True
         size = record.span.npages * PAGE
         self.bytes_purged += size

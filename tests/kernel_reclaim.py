@@ -16,7 +16,7 @@ def reclaim(mem, first: int = 0, count: int = -1, *, at_least: int = 1) -> set[i
     count = mem.npages - first if count < 0 else count
     deadline = time.monotonic() + PATIENCE_S
     while True:
-        if hasattr(mem, "_resident_pages"):
+        if mem.backend.startswith("madvfree"):
             mem._force_reclaim(first, count)
             gone = {p for p in range(mem.npages) if not mem._resident_pages(p, 1)}
         else:  # policy-purged backends (memfd): all or nothing, never held back

@@ -236,7 +236,7 @@ def test_ashmem_says_why_and_what_to_use_instead():
     with pytest.raises(discache.BackendUnavailableError, match="ashmem"):
         discache.DiscardableMemoryAllocator("ashmem")
     with pytest.raises(discache.BackendUnavailableError, match="5.18"):
-        _core.AshmemMemory(PAGE)  # the class itself says so too, when used directly
+        _core.Segment(1, "ashmem")  # the segment kind itself says so too, when used directly
 
 
 def test_double_unlock_raises_and_changes_nothing(make):

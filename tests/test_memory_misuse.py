@@ -7,6 +7,7 @@ import gc
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import textwrap
@@ -119,7 +120,7 @@ def copy_kinds():
                            id=f"manager-{backend}")
 
 
-@pytest.mark.parametrize("make", copy_kinds())
+@pytest.mark.parametrize("make", list(copy_kinds()))
 @pytest.mark.parametrize("duplicate", [copy.copy, copy.deepcopy,
                                        lambda mem: pickle.loads(pickle.dumps(mem))],
                          ids=["copy", "deepcopy", "pickle"])
@@ -170,6 +171,53 @@ def test_a_forked_child_never_shares_a_span_with_its_parent(manager):
     assert inherited.read() == b"\x07" * PAGE, "the child wrote into the parent's locked memory"
     assert mine.read() == b"\x0a" * PAGE, "the child was given the parent's span"
     assert manager.stats()["locked_bytes"] == 2 * PAGE
+
+
+@pytest.mark.parametrize("backend", STANDALONE_BACKENDS)
+@pytest.mark.parametrize("standalone", [False, True], ids=["manager", "allocate"])
+def test_a_forked_child_uses_memory_a_thread_was_busy_with_at_fork(backend, standalone):
+    """The fork hooks hold the manager's lock; the child makes itself a new one, and memory made
+    before the fork must use that one (a span that kept the old lock deadlocked the child)."""
+    if standalone:
+        memories = [discache.allocate(PAGE, backend) for _ in range(4)]
+    else:
+        manager = DiscardableMemoryManager(1 << 22, backend if backend in MANAGER_BACKENDS
+                                           else "madvfree")
+        memories = [manager.allocate(PAGE) for _ in range(4)]
+    busy, stop = memories[1:], threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            for mem in busy:
+                mem.unlock()
+                if not mem.lock():
+                    mem.write(b"\0")
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        for _ in range(10):
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(10)  # a deadlocked child dies instead of hanging the test
+                results = []
+
+                def use(mem=memories[0]):
+                    mem.write(b"child")
+                    mem.unlock()
+                    results.append(mem.lock() in (True, False))
+
+                # from a thread of the child's own: the fork hook's hold of the old lock, by the
+                # forking thread, would let the main thread in by re-entry
+                user = threading.Thread(target=use)
+                user.start()
+                user.join()
+                os._exit(0 if results == [True] else 1)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0, "the child hung or failed"
+    finally:
+        stop.set()
+        thread.join()
 
 
 def test_a_forked_child_copies_only_the_written_pages_of_a_memfd_segment():
@@ -541,3 +589,25 @@ def test_fork_while_another_thread_uses_simulated_memory():
         mem.close()
 
     fork_repeatedly(busy)
+
+
+@pytest.mark.parametrize("standalone", [False, True], ids=["manager", "allocate"])
+@pytest.mark.parametrize("backend", [b for b in ("madvfree", "madvfree-sigbus", "memfd")
+                                     if b in STANDALONE_BACKENDS])
+def test_closing_the_segment_under_its_memory_is_refused(backend, standalone):
+    """mem.segment is reachable: closing it would unmap pages the memory (and a cache's compiled
+    hit path) still reads.  Refused while any span of it is handed out, nothing changed."""
+    if standalone:
+        mem = discache.allocate(PAGE, backend)
+    elif backend == "madvfree-sigbus":
+        pytest.skip("a manager does not take SIGBUS mode (tested in test_sigbus_misuse.py)")
+    else:
+        mem = DiscardableMemoryManager(1 << 22, backend).allocate(PAGE)
+    mem.write(b"kept")
+    with pytest.raises(RuntimeError, match="close the memory instead"):
+        mem.segment.close()
+    assert mem.read(0, 4) == b"kept" and not mem.segment.closed
+    mem.unlock()
+    assert mem.lock() in (True, False)
+    mem.close()
+    assert mem.segment is None

@@ -307,3 +307,31 @@ def test_a_lock_during_a_purge_waits_for_the_hole_punch():
     finally:
         other.close()
         purger.close()
+
+
+def test_the_shared_memory_is_a_shared_memfd_segment():
+    """DiscardableSharedMemory sits on the memfd segment kind: a Segment given a file maps it
+    shared, and a forked child writes into the same pages (a private memfd segment is re-owned
+    by the child instead)."""
+    fd = os.memfd_create("probe")
+    os.ftruncate(fd, 2 * PAGE)
+    try:
+        shared = discache._core.Segment(2, "memfd", fd=fd)
+        private = discache._core.Segment(2, "memfd")
+        assert shared.shared and not private.shared
+        pid = os.fork()
+        if pid == 0:
+            shared.write(0, b"child")
+            private.write(0, b"child")
+            os._exit(0)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        assert shared.read(0, 5) == b"child" and private.read(0, 5) == b"\0" * 5
+        assert os.pread(fd, 5, 0) == b"child"
+        shared.discard_span(0, 1)
+        assert os.pread(fd, 5, 0) == b"\0" * 5
+        shared.close()
+        private.close()
+        with pytest.raises(ValueError, match="only a memfd segment"):
+            discache._core.Segment(2, "madvfree", fd=fd)
+    finally:
+        os.close(fd)

@@ -6,7 +6,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 from .. import _core
 from ..errors import BackendUnavailableError
-from ..memory import SoleSpan
+from ..memory import allocate_sole_span
 
 
 class BackendInfo(NamedTuple):
@@ -119,8 +119,16 @@ def _madvfree_segment(npages: int) -> Any:
     return _core.Segment(npages, "madvfree")
 
 
+def _madvfree_sigbus_segment(npages: int) -> Any:
+    return _core.Segment(npages, "madvfree", sigbus=True)
+
+
 def _memfd_segment(npages: int) -> Any:
     return _core.Segment(npages, "memfd")
+
+
+def _ashmem_segment(npages: int) -> Any:
+    return _core.Segment(npages, "ashmem")
 
 
 def _simulated_segment(npages: int) -> Any:
@@ -133,19 +141,22 @@ def _probe_simulated() -> tuple[bool, str]:
     return True, "the simulated kernel (discache.sim) runs on any machine"
 
 
-register(Backend("madvfree", _probe_madvfree, _core.MadvFreeMemory,
+def _sole(name: str, new_segment: Callable[[int], Any]) -> Callable[[int], Any]:
+    """discache.allocate on a backend: a new segment holding one span."""
+    return lambda nbytes: allocate_sole_span(name, new_segment, nbytes)
+
+
+register(Backend("madvfree", _probe_madvfree, _sole("madvfree", _madvfree_segment),
                  "private memory; unlock = MADV_FREE, lock detects discarded pages by cookie CAS",
                  _madvfree_segment))
 register(Backend("madvfree-sigbus", _probe_madvfree_sigbus,
-                 lambda nbytes: _core.MadvFreeMemory(nbytes, sigbus=True),
+                 _sole("madvfree-sigbus", _madvfree_sigbus_segment),
                  "madvfree + userfaultfd: accessors raise PurgedPageError on discarded pages"))
-register(Backend("memfd", _cached(_core.probe_memfd),
-                 lambda nbytes: SoleSpan.allocate("memfd", _memfd_segment, nbytes),
+register(Backend("memfd", _cached(_core.probe_memfd), _sole("memfd", _memfd_segment),
                  "memfd shared memory; purged by policy (punch hole), not by the kernel",
                  _memfd_segment))
-register(Backend("ashmem", _core.probe_ashmem, _core.AshmemMemory,
+register(Backend("ashmem", _core.probe_ashmem, _sole("ashmem", _ashmem_segment),
                  "Android's /dev/ashmem; unlock = UNPIN, lock = PIN (WAS_PURGED for the range)"))
-register(Backend("simulated", _probe_simulated,
-                 lambda nbytes: SoleSpan.allocate("simulated", _simulated_segment, nbytes),
+register(Backend("simulated", _probe_simulated, _sole("simulated", _simulated_segment),
                  "discache.sim's simulated kernel: unlock = MADV_VOLATILE, lock = MADV_NONVOLATILE",
                  _simulated_segment))

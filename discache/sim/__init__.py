@@ -2,9 +2,11 @@
 (discache.sim._sim); discache.sim.backend makes it the "simulated" segment kind."""
 from .kernel import (
     ADVICE_NAMES,
+    MADV_COLD,
     MADV_DONTNEED,
     MADV_FREE,
     MADV_NONVOLATILE,
+    MADV_PAGEOUT,
     MADV_VOLATILE,
     MADV_VOLATILE_ZEROFILL,
     VA_BASE,
@@ -14,9 +16,11 @@ from .kernel import (
 
 __all__ = [
     "ADVICE_NAMES",
+    "MADV_COLD",
     "MADV_DONTNEED",
     "MADV_FREE",
     "MADV_NONVOLATILE",
+    "MADV_PAGEOUT",
     "MADV_VOLATILE",
     "MADV_VOLATILE_ZEROFILL",
     "VA_BASE",

@@ -364,8 +364,6 @@ cdef class SimCore:
 
     # ---------------------------------------------------------------- madvise helpers
 
-    # ---------------------------------------------------------------- madvise helpers
-
     cdef Py_ssize_t _drop(self, Pager pg, uint32_t a, uint32_t b) noexcept nogil:
         cdef Py_ssize_t dropped = 0
         cdef uint32_t idx, s
@@ -432,6 +430,70 @@ cdef class SimCore:
             return made
         finally:
             pg.table._release()
+            self._unlock()
+
+    def pageout(self, Pager pg, first, count) -> int:
+        """MADV_PAGEOUT: reclaim pages [first, first+count) of pg now; returns the pages freed.
+
+        As Linux's madvise, only frames this mapping alone maps are taken (a frame shared after
+        fork is left alone): a volatile page is purged, a lazily freed one dropped, any other
+        swapped out if a swap slot is free, else kept.  Referenced bits do not matter."""
+        cdef Py_ssize_t a = _as_index(first), n = _as_index(count), freed = 0
+        cdef uint32_t idx, s, slot
+        cdef int done
+        pg.table._check_span(a, n)
+        self._lock()
+        pg.table._acquire()
+        try:
+            for idx in range(<uint32_t>a, <uint32_t>(a + n)):
+                s = pg.slots[idx]
+                if s == 0 or (s & SIM_SWAPPED) or (self.fflags[s] & SIM_PINNED):
+                    continue
+                if self.mapcounts[s] > 1:
+                    continue
+                if pg.table._find(idx) >= 0:
+                    done = pg.table._purge(idx)
+                    if done < 0:
+                        raise MemoryError("cannot grow a purge record")
+                    if done == 0:
+                        raise AssertionError(f"page {idx} of {pg!r} was mapped but not purgeable")
+                    pg.slots[idx] = 0
+                    self.purged_pages += 1
+                elif self.fflags[s] & SIM_LAZYFREE:
+                    pg.table._discard(idx, idx + 1)
+                    pg.slots[idx] = 0
+                    self.lazy_freed += 1
+                elif self.free_slots.nfree:
+                    slot = self._swap_take(s)
+                    self.swap_refs[slot] = 1
+                    pg.slots[idx] = SIM_SWAPPED | slot
+                else:
+                    continue
+                self._free_frame(s)
+                freed += 1
+            self.reclaimed += <uint64_t>freed
+            return freed
+        finally:
+            pg.table._release()
+            self._unlock()
+
+    def cold(self, Pager pg, first, count) -> int:
+        """MADV_COLD: clear the referenced bit of the frames only pg maps among pages
+        [first, first+count), so reclaim takes them first; returns how many it cleared."""
+        cdef Py_ssize_t a = _as_index(first), n = _as_index(count), cleared = 0
+        cdef uint32_t idx, s
+        pg.table._check_span(a, n)
+        self._lock()
+        try:
+            for idx in range(<uint32_t>a, <uint32_t>(a + n)):
+                s = pg.slots[idx]
+                if s == 0 or (s & SIM_SWAPPED) or self.mapcounts[s] > 1:
+                    continue
+                if self.fflags[s] & SIM_REFERENCED:
+                    self.fflags[s] &= ~SIM_REFERENCED
+                    cleared += 1
+            return cleared
+        finally:
             self._unlock()
 
     cdef void _share(self, Pager parent, Pager child, uint32_t n) noexcept nogil:

@@ -71,6 +71,11 @@ class SimSegment:
         self._finalizer = weakref.finalize(self, _unmapped_later.append,
                                            (self.process, self.addr, self.nbytes))
 
+    @property
+    def mutex(self) -> Any:
+        """The simulated machine's lock, which a span's state changes happen under too."""
+        return _lock
+
     def _check(self, first: int, count: int) -> None:
         if self.closed:
             raise ValueError("the segment is closed")

@@ -92,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
         finally:
             bar.close()
         report["designs"].append(result.row())
+        if result.recorded_locks:
+            report["recorded"] = {"locks": result.recorded_locks,
+                                  "locks purged": result.recorded_purged_locks}
     for message, failed in errors.items():
         print(f"discache simulate: {', '.join(failed)}: the workload failed: {message}",
               file=sys.stderr)
@@ -221,6 +224,10 @@ def print_report(report: dict, wide: bool = False) -> None:
     print(f"RAM {report['ram_pages']:,} pages, swap {report['swap_pages']:,} pages, "
           f"page size {report['page_size']} bytes\n")
     print(table(report["designs"]))
+    if "recorded" in report:
+        recorded = report["recorded"]
+        print(f"\nrecorded on the real kernel: {recorded['locks']:,} locks, "
+              f"{recorded['locks purged']:,} of them found a purge")
     if "unmark_sweep" in report:
         print("\nMADV_NONVOLATILE (unmark) and MADV_VOLATILE (mark) on one range, 10% purged:")
         print(table(report["unmark_sweep"]))

@@ -15,12 +15,16 @@ MADV_DONTNEED = 4
 MADV_FREE = 8
 MADV_VOLATILE = 18
 MADV_NONVOLATILE = 19
+MADV_COLD = 20
+MADV_PAGEOUT = 21
 MADV_VOLATILE_ZEROFILL = 1018
 ADVICE_NAMES = {
     MADV_DONTNEED: "MADV_DONTNEED",
     MADV_FREE: "MADV_FREE",
     MADV_VOLATILE: "MADV_VOLATILE",
     MADV_NONVOLATILE: "MADV_NONVOLATILE",
+    MADV_COLD: "MADV_COLD",
+    MADV_PAGEOUT: "MADV_PAGEOUT",
     MADV_VOLATILE_ZEROFILL: "MADV_VOLATILE_ZEROFILL",
 }
 
@@ -245,6 +249,10 @@ class Process:
                 zerofill.remove(a, a + n)
             elif advice == MADV_FREE:
                 core.lazyfree(pager, a, n)
+            elif advice == MADV_PAGEOUT:
+                core.pageout(pager, a, n)
+            elif advice == MADV_COLD:
+                core.cold(pager, a, n)
             elif m.file is None:
                 core.discard(pager, a, n)
             # MADV_DONTNEED on a shared mapping only drops this process's page table entries;

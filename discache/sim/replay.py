@@ -11,6 +11,7 @@ from .kernel import (
     MADV_DONTNEED,
     MADV_FREE,
     MADV_NONVOLATILE,
+    MADV_PAGEOUT,
     MADV_VOLATILE,
     MADV_VOLATILE_ZEROFILL,
     SimulatedKernel,
@@ -51,11 +52,18 @@ TRACE_OPS = {
     "write": ("proc", "region", "first", "count"),
     "read": ("proc", "region", "first", "count"),
     "unlock": ("proc", "region", "first", "count"),
-    "lock": ("proc", "region", "first", "count"),
+    "lock": ("proc", "region", "first", "count", "lost"),
     "dontneed": ("proc", "region", "first", "count"),
     "reclaim": ("pages",),
+    # Recorded traces (discache.record_trace): the real run's forced reclaims, policy purges
+    # and the kernel's own purges, placed where the library found them.
+    "pageout": ("proc", "region", "first", "count", "gone"),
+    "purge": ("proc", "region", "first", "count"),
+    "lost": ("proc", "region", "first", "count"),
 }
-INT_ARGS = {"pages", "first", "count", "offset"}
+INT_ARGS = {"pages", "first", "count", "offset", "lost", "gone"}
+# Trailing arguments that may be left out, and their value then (None: not recorded).
+OPTIONAL = {"mmapfd": "0", "lock": None, "pageout": None}
 
 
 class TraceError(ValueError):
@@ -72,14 +80,16 @@ def parse_trace(lines: Iterable[str], source: str = "trace") -> Iterator[Op]:
         spec = TRACE_OPS.get(name)
         if spec is None:
             raise TraceError(f"{source}:{lineno}: unknown operation {name!r}")
-        if name == "mmapfd" and len(args) == 4:
-            args.append("0")
+        if name in OPTIONAL and len(args) == len(spec) - 1:
+            args.append(OPTIONAL[name])
         if len(args) != len(spec):
             raise TraceError(f"{source}:{lineno}: {name} takes {len(spec)} arguments "
                              f"({' '.join(spec)}), got {len(args)}")
         values: list[object] = [name]
         for arg_name, arg in zip(spec, args):
-            if arg_name in INT_ARGS:
+            if arg is None:
+                values.append(None)
+            elif arg_name in INT_ARGS:
                 try:
                     value = int(arg)
                 except ValueError:
@@ -112,6 +122,8 @@ class Result:
     mark_ns: int = 0
     purged_locks: int = 0
     zero_reads: int = 0
+    recorded_locks: int = 0  # locks whose real outcome the trace recorded
+    recorded_purged_locks: int = 0  # of them, those that found a purge on the real kernel
     wall_s: float = 0.0
     stats: dict = field(default_factory=dict)
 
@@ -147,6 +159,7 @@ class Replayer:
         self.procs: dict[str, object] = {}
         self.regions: dict[tuple[str, str], tuple[int, int]] = {}
         self.files: dict[str, int] = {}
+        self.policy_purged: set[tuple[str, str]] = set()  # regions a `purge` line discarded
         self.result = Result(design.name)
 
     def run(self, ops: Iterable[Op]) -> Result:
@@ -207,6 +220,7 @@ class Replayer:
 
     def op_munmap(self, proc: str, region: str) -> None:
         addr, pages = self.regions.pop((proc, region))
+        self.policy_purged.discard((proc, region))
         self.procs[proc].munmap(addr, pages * self.ps)
 
     def op_write(self, proc: str, region: str, first: int, count: int) -> None:
@@ -233,8 +247,10 @@ class Replayer:
         r.mark_visits += self.kernel.stats()["pte_visits"] - before
         r.mark_calls += 1
 
-    def op_lock(self, proc: str, region: str, first: int, count: int) -> None:
-        """Make the span non-volatile; if anything was lost, regenerate (rewrite) all of it."""
+    def op_lock(self, proc: str, region: str, first: int, count: int,
+                lost: int | None = None) -> None:
+        """Make the span non-volatile; if anything was lost, regenerate (rewrite) all of it,
+        unless the trace recorded the loss (its next lines are the app's own refill)."""
         p, addr, nbytes = self._span(proc, region, first, count)
         r = self.result
         before = self.kernel.stats()["pte_visits"]
@@ -250,9 +266,34 @@ class Replayer:
             visits = count  # the user-space cookie check reads every page once
         r.unmark_visits += visits
         r.unmark_calls += 1
+        if (proc, region) in self.policy_purged:
+            self.policy_purged.discard((proc, region))
+            purged = True  # the app's own policy discarded it: reported whatever the design
+        if lost is not None:
+            r.recorded_locks += 1
+            r.recorded_purged_locks += lost > 0
         if purged:
             r.purged_locks += 1
-            self._touch(p, addr, nbytes, True)
+            if not lost:
+                self._touch(p, addr, nbytes, True)
 
     def op_reclaim(self, pages: int) -> None:
         self.kernel.reclaim(pages)
+
+    def op_pageout(self, proc: str, region: str, first: int, count: int,
+                   gone: int | None = None) -> None:
+        """discache.force_reclaim: the kernel reclaims the span's discardable pages now."""
+        p, addr, nbytes = self._span(proc, region, first, count)
+        p.madvise(addr, nbytes, MADV_PAGEOUT)
+
+    def op_lost(self, proc: str, region: str, first: int, count: int) -> None:
+        """The kernel took the span's pages on its own, found by the library at the next
+        operation: placed there, as a reclaim of the span."""
+        self.op_pageout(proc, region, first, count)
+
+    def op_purge(self, proc: str, region: str, first: int, count: int) -> None:
+        """A policy of the app discarded the unlocked span: gone in every design, and the next
+        lock reports it (the app's books say so, not the kernel)."""
+        p, addr, nbytes = self._span(proc, region, first, count)
+        p.madvise(addr, nbytes, MADV_DONTNEED)
+        self.policy_purged.add((proc, region))
