@@ -36,6 +36,13 @@ extensions = [
         depends=["discache/_cache.pxd"],
         extra_compile_args=["-O2"],
     ),
+    # SharedCache: one cache in /dev/shm for every process of the host (its own module too).
+    Extension(
+        "discache._sharedcache",
+        ["discache/_sharedcache.pyx"],
+        depends=["discache/_sharedcache.h", "discache/_dckernel.h"],
+        extra_compile_args=["-O2"],
+    ),
 ]
 
 setup(

@@ -10,6 +10,7 @@ from .memory import DiscardableMemory, force_reclaim
 from .allocation import DiscardableMemoryAllocator, allocate
 from .manager import DiscardableMemoryManager, default_manager
 from .cache import DiscardableCache, cached
+from .sharedcache import SharedCache
 from .tracing import record_trace, start_from_environment as _start_from_environment
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __all__ = [
     "PinnedError",
     "PurgedError",
     "PurgedPageError",
+    "SharedCache",
     "__version__",
     "allocate",
     "backends",

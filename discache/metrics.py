@@ -29,7 +29,10 @@ The `layer` label says where an object's memory is counted, so that no sum count
 `manager` (a DiscardableMemoryManager: all the memory of the caches allocating from it, and its
 own allocations), `cache` (a cache or anything else with a `manager` attribute: its share of that
 manager's memory, and its hits, misses, regenerations, evictions) and `allocator` (anything else,
-which owns its memory: DiscardableMemoryAllocator, a custom source).  Sum memory, purges, locks,
+which owns its memory: DiscardableMemoryAllocator, a custom source) and `shared` (a
+discache.SharedCache: host-wide numbers, memory and cache series alike, the same whichever attached
+process exports them; so a pre-fork server's workers never count them twice, and several
+exporters on one host are combined with max, not sum).  Sum memory, purges, locks,
 latency and pressure over `layer!="cache"`; cache series over `layer="cache"` (the rules and the
 dashboard in integrations/prometheus do).  An object may declare its layer with a
 `metrics_layer` attribute, and watch() may be told it.
@@ -49,7 +52,7 @@ from prometheus_client.core import (REGISTRY, CollectorRegistry, CounterMetricFa
 from .pressure import LEVELS
 
 LOCK_RESULTS = ("success", "purged", "failed")
-LAYERS = ("cache", "manager", "allocator")
+LAYERS = ("cache", "manager", "allocator", "shared")
 OPERATIONS = ("lock", "unlock")
 # 250 ns (a PageTable call from Python) to 100 ms (a lock that faults in megabytes)
 DEFAULT_BUCKETS = (2.5e-7, 5e-7, 1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3,
