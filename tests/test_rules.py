@@ -72,18 +72,27 @@ def selectors(expr):
 @pytest.mark.parametrize("source", ["rules", "dashboard"])
 def test_every_query_picks_one_layer_so_nothing_is_counted_twice(source):
     """A cache's memory is part of its manager's: memory, purges, locks, latency and pressure are
-    read from layer!="cache", the cache series from layer="cache"."""
+    summed over layer!~"cache|shared", the cache series over layer="cache"; a SharedCache's
+    host-wide series (layer="shared", the same from every process that exports them) only under
+    max, never a sum."""
     if source == "rules":
         groups = yaml.safe_load(RULES.read_text())["groups"]
         exprs = [r["expr"] for g in groups for r in g["rules"]]
     else:
         exprs = dashboard_queries()
     seen = set()
+    shared_reads = 0
     for expr in exprs:
         for series, matchers in selectors(expr):
             seen.add(series)
-            if series in MEMORY_SERIES:
-                assert 'layer!="cache"' in matchers, (series, expr)
+            if 'layer="shared"' in matchers:
+                shared_reads += 1
+                # the innermost aggregation around this selector is a max
+                before = expr[:expr.index(series + matchers)]
+                aggregation = re.findall(r"\b(sum|max|min|avg|count) by \(", before)
+                assert aggregation and aggregation[-1] == "max", (series, expr)
+            elif series in MEMORY_SERIES:
+                assert 'layer!~"cache|shared"' in matchers, (series, expr)
             elif series in CACHE_SERIES:
                 assert 'layer="cache"' in matchers, (series, expr)
-    assert seen & set(MEMORY_SERIES) and seen & set(CACHE_SERIES)
+    assert seen & set(MEMORY_SERIES) and seen & set(CACHE_SERIES) and shared_reads
