@@ -18,6 +18,7 @@ SUITES: dict[str, tuple[str, ...]] = {
     "cache": ("bench_cache.py",),
     "sim": ("bench_sim.py",),
     "image": ("bench_imagecache.py",),
+    "shared": ("bench_shared_cache.py",),
 }
 GROUPS = tuple(SUITES)
 # what running a group needs beyond pytest and pytest-benchmark: {module: pip package}
@@ -66,6 +67,8 @@ def group_of(bench: Bench) -> str:
     op = str(info.get("op", ""))
     if op.startswith("image-"):
         return "image"
+    if str(bench.get("group") or "").startswith("shared "):
+        return "shared"
     if "cache" in info or "impl" in info or op.startswith("cache"):
         return "cache"  # before "backend": a DiscardableCache benchmark names its backend too
     if "backend" in info:
@@ -390,6 +393,8 @@ SECTIONS = {
     "sim": ("Simulated kernel: madvise cost and throughput", sim_section, "bench/bench_sim.py"),
     "image": ("ImageCache reads against their floors", image_section,
               "bench/bench_imagecache.py"),
+    "shared": ("SharedCache hit against DiscardableCache, memcached, Redis and a Manager dict",
+               cache_section, "bench/bench_shared_cache.py"),
     "other": ("Other benchmarks", other_section, ""),
 }
 

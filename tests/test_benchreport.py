@@ -66,6 +66,17 @@ def every_group() -> list[dict]:
     benches.append(entry("get", 12e-6, op="image-get", impl="ImageCache.get[memfd]",
                          baseline="Image.copy()", floor=1.2))
     benches.append(entry("lru", 1e-7, op="image-lookup", impl="cachetools.LRUCache[key]"))
+    # bench_shared_cache.py: its pytest-benchmark group names it; rows name their baseline
+    for name, median, extra in (
+            ("dc", 130e-9, dict(op="in-process", impl="DiscardableCache[madvfree]")),
+            ("sc", 180e-9, dict(op="in-process", impl="SharedCache",
+                                baseline="DiscardableCache[madvfree]", target=2.0)),
+            ("mc", 90e-6, dict(op="memcached", impl="memcached GET (pymemcache)")),
+            ("sc-mc", 180e-9, dict(op="memcached", impl="SharedCache",
+                                   baseline="memcached GET (pymemcache)", target=0.01))):
+        row = entry(f"shared-{name}", median, nbytes=4096, **extra)
+        row["group"] = "shared get hit, 4 KiB value"
+        benches.append(row)
     return benches
 
 
@@ -114,6 +125,15 @@ def test_every_group_gets_its_table_ratios_and_plot(tmp_path):
                                            "1.50x of `Image.copy()`", "1.20x", "**no**"]
     assert rows_of(md, "image-lookup") == [["image-lookup", "cachetools.LRUCache[key]", "100 ns",
                                             "", "", ""]]
+    shared = md.split("## SharedCache hit")[1].split("\n## ")[0]
+    assert rows_of(shared, "in-process") == [
+        ["in-process", "DiscardableCache[madvfree]", "130 ns"],
+        ["in-process", "SharedCache", "180 ns (1.38x)"],
+        ["in-process", "SharedCache", "DiscardableCache[madvfree]", "1 page", "1.38x",
+         "<= 2.00x", "yes"]]
+    assert rows_of(shared, "memcached")[-1] == ["memcached", "SharedCache",
+                                                "memcached GET (pymemcache)", "1 page", "0.002x",
+                                                "<= 0.01x", "yes"]
     for png in ("unmark.png", "roundtrip.png", "cache.png", "sim.png"):
         assert f"]({png})" in md
         data = (tmp_path / png).read_bytes()
