@@ -363,10 +363,7 @@ cdef class SharedCacheCore:
                 self._check_layout(maxsize, page, size)
                 self._map(size)
                 self._wire()
-                if self.m.hdr.dirty:
-                    if sc_repair(&self.m) != 0:
-                        raise MemoryError("repairing the shared cache's index")
-                    self.m.hdr.dirty = 0
+                self._repair_if_dirty()
         finally:
             sc_ofd_unlock(self.m.fd, SC_LOCK_WRITER)
         self.m.probe_fd = _os.open(path, _os.O_RDWR | _os.O_CLOEXEC | _os.O_NOFOLLOW)
@@ -522,12 +519,18 @@ cdef class SharedCacheCore:
         if sc_lock_byte(self.m.fd, SC_LOCK_WRITER) != 0:
             return 0  # a live writer holds it: it is simply slow
         try:
-            if self.m.hdr.dirty:
-                if sc_repair(&self.m) != 0:
-                    raise MemoryError("repairing the shared cache's index")
-                self.m.hdr.dirty = 0
+            self._repair_if_dirty()
         finally:
             sc_ofd_unlock(self.m.fd, SC_LOCK_WRITER)
+        return 0
+
+    cdef int _repair_if_dirty(self) except -1:
+        """With the writer lock held: a dead writer's half-change undone (its one entry dropped,
+        the bitmap and counts rebuilt from the index)."""
+        if self.m.hdr.dirty:
+            if sc_repair(&self.m) != 0:
+                raise MemoryError("repairing the shared cache's index")
+            self.m.hdr.dirty = 0
         return 0
 
     cdef void _wunlock(self):
